@@ -1,0 +1,1 @@
+"""Known models and their inventories (module shapes, parameter counts), shipped as data."""
