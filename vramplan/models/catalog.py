@@ -34,6 +34,11 @@ class ModelInfo:
     # Text encoders that `--train-text-encoder` trains: the diffusers SD3/Flux scripts leave T5 frozen.
     trainable_text_encoders: tuple[str, ...] = ("text_encoder",)
     aliases: tuple[str, ...] = ()
+    # Local models (vramplan.models.local): the folder or file given, the catalog model whose
+    # shipped inventories apply (single-file checkpoints), and the checkpoint's weight dtype.
+    local_path: str | None = None
+    base_model: str | None = None
+    checkpoint_dtype: str | None = None
 
     @property
     def denoiser(self) -> Component:
