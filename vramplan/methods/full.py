@@ -1,0 +1,21 @@
+"""Full fine-tuning: every parameter of the denoiser trains, and with `--train-text-encoder` every
+parameter of the text encoders the catalog marks trainable (`ModelInfo.trainable_text_encoders`:
+the diffusers SD3 / Flux scripts leave T5 frozen). The tensors are the inventory's
+`named_parameters()` (tied weights once), so optimizer states can be counted per tensor.
+"""
+
+from __future__ import annotations
+
+from vramplan.methods.base import (MethodImpl, TrainableTensor, denoiser_inventory, register_method,
+                                   trained_text_encoders)
+from vramplan.spec import Method
+
+
+class Full(MethodImpl):
+    def trainable_tensors(self, spec, inventories):
+        name, _ = denoiser_inventory(spec, inventories)
+        return {component: [TrainableTensor(param, tuple(shape)) for param, shape in inventories[component].params]
+                for component in (name, *trained_text_encoders(spec))}
+
+
+register_method(Method.FULL, Full)
