@@ -1,0 +1,108 @@
+"""Load a recorded op graph (see `vramplan/simulate/record.py`) and size it without torch.
+
+Storage and shape sizes are stored as formulas over B (images per step), H and W (latent
+height and width), printed by sympy from torch's symbolic shapes: integers, + - *, floor
+division `//`, `Mod(a, b)`. We compile each formula once with Python after checking that it uses
+nothing else, and evaluate them all for the user's sizes. The recording's guards (conditions the
+shapes satisfied while tracing, e.g. `Eq(Mod(H, 8), 0)`) are checked too: a size outside them
+would take another code path than the one recorded.
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from vramplan.errors import UsageError
+
+TRACE_ROOT = Path(__file__).resolve().parent.parent / "models" / "traces"
+
+_FUNCS = {
+    "Mod": lambda a, b: a % b,
+    "Eq": lambda a, b: a == b,
+    "Ne": lambda a, b: a != b,
+    "Max": max,
+    "Min": min,
+    "FloorDiv": lambda a, b: a // b,
+    "CeilToInt": lambda a: -(-a // 1),
+    "And": lambda *a: all(a),
+    "Or": lambda *a: any(a),
+}
+_ALLOWED = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Constant, ast.Name, ast.Load, ast.Call,
+            ast.Add, ast.Sub, ast.Mult, ast.FloorDiv, ast.Mod, ast.USub, ast.Compare, ast.Lt,
+            ast.LtE, ast.Gt, ast.GtE, ast.Eq, ast.NotEq, ast.Pow, ast.BoolOp, ast.And, ast.Or)
+
+
+def compile_formula(text: str, names: tuple[str, ...]):
+    tree = ast.parse(text, mode="eval")
+    for node in ast.walk(tree):
+        if not isinstance(node, _ALLOWED):
+            raise ValueError(f"formula {text!r}: {type(node).__name__} not allowed")
+        if isinstance(node, ast.Name) and node.id not in names and node.id not in _FUNCS:
+            raise ValueError(f"formula {text!r}: unknown name {node.id}")
+        if isinstance(node, ast.Call) and not (isinstance(node.func, ast.Name) and node.func.id in _FUNCS):
+            raise ValueError(f"formula {text!r}: call not allowed")
+    return compile(tree, "<formula>", "eval")
+
+
+@dataclass
+class Graph:
+    """A recorded graph with its formulas compiled; `sizes(env)` evaluates them."""
+
+    data: dict
+    codes: list
+
+    @property
+    def ops(self) -> list:
+        return self.data["ops"]
+
+    @property
+    def tensors(self) -> list:
+        return self.data["tensors"]
+
+    @property
+    def storages(self) -> list:
+        return self.data["storages"]
+
+    def opname(self, op) -> str:
+        return self.data["opnames"][op[0]]
+
+    def module(self, op) -> str:
+        return self.data["modules"][op[1]]
+
+    def evaluate(self, env: dict) -> list[int]:
+        scope = dict(_FUNCS, **env)
+        return [int(eval(code, {"__builtins__": {}}, scope)) for code in self.codes]
+
+    def failed_guards(self, env: dict) -> list[str]:
+        scope = dict(_FUNCS, **env)
+        bad = []
+        for text in self.data.get("guards", []):
+            try:
+                ok = eval(compile_formula(text, tuple(env)), {"__builtins__": {}}, scope)
+            except ValueError:
+                continue
+            if not ok:
+                bad.append(text)
+        return bad
+
+
+def parse_graph(data: dict, names=("B", "H", "W", "R")) -> Graph:
+    return Graph(data=data, codes=[compile_formula(text, names) for text in data["exprs"]])
+
+
+def trace_path(model_key: str, name: str) -> Path:
+    return TRACE_ROOT / model_key / f"{name}.json.gz"
+
+
+@lru_cache(maxsize=64)
+def load_graph(model_key: str, name: str) -> Graph:
+    path = trace_path(model_key, name)
+    if not path.exists():
+        raise UsageError(f"no recorded trace {model_key}/{name} (run scripts/record_traces.py)")
+    with gzip.open(path, "rt") as f:
+        return parse_graph(json.load(f))

@@ -1,0 +1,148 @@
+"""Live tensor bytes over a training step, seen from inside the dispatcher.
+
+A TorchDispatchMode sees every op; each output's storage is recorded the first time it appears
+and freed by `weakref.finalize` when its last tensor dies, so the live total follows the real
+lifetimes (Python references, autograd's saved tensors, the optimizer's state). Sizes are
+rounded up to 512 bytes as PyTorch's CUDA caching allocator does (kMinBlockSize in
+c10/cuda/CUDACachingAllocator.cpp), so the peak predicts `torch.cuda.max_memory_allocated`.
+
+Categories are decided after the fact (a storage allocated during backward may turn out to be a
+parameter's gradient): the tracker keeps one record per storage with when it was allocated and
+freed, and `classify()` labels them once the step is over. The same tracker measures real CPU
+tensors (profile --device cpu), which is how tests check the fake trace against a real run.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from vramplan.footprint import Category
+
+CUDA_BLOCK = 512
+
+
+def cuda_rounded(nbytes: int) -> int:
+    return -(-nbytes // CUDA_BLOCK) * CUDA_BLOCK if nbytes else 0
+
+
+@dataclass
+class StorageRecord:
+    sid: int
+    nbytes: int             # rounded as the CUDA allocator would
+    alloc_at: int           # event index
+    free_at: int | None = None
+    op: str = ""
+    module: str = ""
+    phase: str = ""
+    category: Category | None = None   # fixed at registration (params, buffers, inputs) or later
+    saved: bool = False                # packed by autograd for backward at least once
+    shape: tuple = ()
+    dtype: str = ""
+
+
+@dataclass
+class Timeline:
+    """(event index, live bytes) after each allocation or free, and phase boundaries."""
+    points: list = field(default_factory=list)
+    phases: list = field(default_factory=list)   # (phase name, first event index)
+
+
+class MemoryTracker(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.records: dict[int, StorageRecord] = {}
+        self._by_storage: dict[int, int] = {}   # id(storage object) -> sid, while alive
+        self.live = 0
+        self.peak = 0
+        self.peak_event = 0
+        self.event = 0
+        self.phase = ""
+        self.module_stack: list[str] = []
+        self.timeline = Timeline()
+        self._next_sid = 0
+        self._phase_peaks: dict[str, tuple[int, int]] = {}  # phase -> (peak bytes, event)
+
+    # -- storage bookkeeping ---------------------------------------------------------------
+    def _sid_of(self, tensor: torch.Tensor) -> int | None:
+        try:
+            storage = tensor.untyped_storage()
+        except (NotImplementedError, RuntimeError):
+            return None
+        return self._by_storage.get(id(storage))
+
+    def track(self, tensor: torch.Tensor, category: Category | None = None, op: str = "") -> int | None:
+        """Record `tensor`'s storage if new; returns its storage id."""
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+            return None
+        try:
+            storage = tensor.untyped_storage()
+        except (NotImplementedError, RuntimeError):
+            return None
+        key = id(storage)
+        sid = self._by_storage.get(key)
+        if sid is not None:
+            if category is not None and self.records[sid].category is None:
+                self.records[sid].category = category
+            return sid
+        sid = self._next_sid
+        self._next_sid += 1
+        nbytes = cuda_rounded(int(storage.nbytes()))
+        self.event += 1
+        self.records[sid] = StorageRecord(
+            sid=sid, nbytes=nbytes, alloc_at=self.event, op=op,
+            module=self.module_stack[-1] if self.module_stack else "", phase=self.phase,
+            category=category, shape=tuple(tensor.shape), dtype=str(tensor.dtype).removeprefix("torch."))
+        self._by_storage[key] = sid
+        weakref.finalize(storage, self._free, key, sid)
+        self._add(nbytes)
+        return sid
+
+    def _free(self, key: int, sid: int) -> None:
+        if self._by_storage.get(key) == sid:
+            del self._by_storage[key]
+        record = self.records[sid]
+        if record.free_at is None:
+            self.event += 1
+            record.free_at = self.event
+            self._add(-record.nbytes)
+
+    def _add(self, delta: int) -> None:
+        self.live += delta
+        self.timeline.points.append((self.event, self.live))
+        if self.live > self.peak:
+            self.peak, self.peak_event = self.live, self.event
+        best = self._phase_peaks.get(self.phase)
+        if best is None or self.live > best[0]:
+            self._phase_peaks[self.phase] = (self.live, self.event)
+
+    def set_phase(self, phase: str) -> None:
+        self.phase = phase
+        self.timeline.phases.append((phase, self.event))
+        self._phase_peaks.setdefault(phase, (self.live, self.event))
+
+    def mark_saved(self, tensor: torch.Tensor) -> None:
+        sid = self._sid_of(tensor)
+        if sid is not None:
+            self.records[sid].saved = True
+
+    # -- dispatch ----------------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.__name__ if hasattr(func, "__name__") else str(func)
+        for value in tree_flatten(out)[0]:
+            if isinstance(value, torch.Tensor):
+                self.track(value, op=str(func.overloadpacket.__name__) if hasattr(func, "overloadpacket") else name)
+        return out
+
+    # -- results -----------------------------------------------------------------------------
+    def live_at(self, event: int) -> list[StorageRecord]:
+        return [r for r in self.records.values()
+                if r.alloc_at <= event and (r.free_at is None or r.free_at > event)]
+
+    def phase_peaks(self) -> dict[str, tuple[int, int]]:
+        return dict(self._phase_peaks)

@@ -1,0 +1,72 @@
+"""Build a model component from its config: on the meta device, fake, random or from disk.
+
+Memory does not depend on weight values, so simulate (fake tensors) and profile (random weights)
+build from the same config the inventory was made from; train loads real weights from a folder.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from vramplan.errors import UsageError
+from vramplan.models.catalog import Component, ModelInfo
+
+CONFIG_ROOT = Path(__file__).resolve().parent.parent / "models" / "configs"
+
+
+def component_config(model: ModelInfo, component: Component) -> dict:
+    local = getattr(model, "local_path", None)
+    if local:
+        folder = Path(local) / component.name
+        path = folder / "config.json"
+        if path.exists():
+            return json.loads(path.read_text())
+    path = CONFIG_ROOT / model.key / f"{component.name}.json"
+    if not path.exists():
+        raise UsageError(f"no config for {model.key}/{component.name} ({path})")
+    return json.loads(path.read_text())
+
+
+@lru_cache(maxsize=None)
+def _class(library: str, name: str):
+    if library == "diffusers":
+        import diffusers
+
+        return getattr(diffusers, name)
+    import transformers
+
+    return getattr(transformers, name)
+
+
+def build_component(model: ModelInfo, component: Component, device: str | torch.device = "meta",
+                    dtype: torch.dtype | None = None, attention: str = "sdpa") -> torch.nn.Module:
+    """Instantiate `component` from its config on `device` (weights random, or none on meta)."""
+    config = component_config(model, component)
+    cls = _class(component.library, component.cls)
+    with torch.device(device):
+        if component.library == "diffusers":
+            module = cls.from_config(config)
+        else:
+            config_cls = cls.config_class
+            cfg = config_cls(**{k: v for k, v in config.items() if not k.startswith("_")})
+            # transformers picks the attention kernel from the config: sdpa, or "eager" which
+            # materialises the attention matrix.
+            cfg._attn_implementation = "eager" if attention == "eager" else "sdpa"
+            module = cls(cfg)
+    if dtype is not None:
+        module = module.to(dtype)
+    return module
+
+
+def load_component(folder: Path, component: Component, dtype: torch.dtype | None = None,
+                   attention: str = "sdpa") -> torch.nn.Module:
+    """Real weights from a local diffusers pipeline folder (train)."""
+    cls = _class(component.library, component.cls)
+    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    if component.library == "transformers":
+        kwargs["attn_implementation"] = "eager" if attention == "eager" else "sdpa"
+    return cls.from_pretrained(folder, subfolder=component.name, local_files_only=True, **kwargs)

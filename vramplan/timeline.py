@@ -1,0 +1,75 @@
+"""Allocations over time, and what was live at the peak: shared by every tier.
+
+Each tier reduces a training step to storage records (bytes, when allocated, when freed, which
+category, which phase); `analyse()` turns them into the peak, the per-phase peaks and the
+composition at the peak. Pure Python: the analytic tier uses it without torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vramplan.footprint import Category
+
+
+@dataclass
+class Record:
+    nbytes: int
+    alloc_at: int
+    free_at: int | None = None       # event index; None = still live at the end
+    category: Category | None = None
+    phase: str = ""
+    module: str = ""
+    op: str = ""
+    saved: bool = False
+
+
+@dataclass
+class Analysis:
+    peak_bytes: int
+    peak_event: int
+    peak_phase: str
+    composition: dict                           # Category -> bytes live at the peak
+    phase_peaks: list = field(default_factory=list)   # (phase, bytes, composition)
+
+
+def analyse(records: list[Record], phases: list[tuple[str, int]], constant: dict | None = None) -> Analysis:
+    """Peak of live bytes over the events. `phases` is [(name, first event)], in order.
+
+    `constant` adds bytes present throughout (e.g. weights the trace does not hold).
+    """
+    base = sum((constant or {}).values())
+    deltas: dict[int, int] = {}
+    for r in records:
+        deltas[r.alloc_at] = deltas.get(r.alloc_at, 0) + r.nbytes
+        if r.free_at is not None:
+            deltas[r.free_at] = deltas.get(r.free_at, 0) - r.nbytes
+    live, peak, peak_event = base, base, 0
+    bounds = sorted(phases, key=lambda p: p[1])
+    phase_best: dict[str, tuple[int, int]] = {name: (base, start) for name, start in bounds}
+    pi = 0
+    for event in sorted(deltas):
+        live += deltas[event]
+        while pi + 1 < len(bounds) and bounds[pi + 1][1] <= event:
+            pi += 1
+        name = bounds[pi][0] if bounds else ""
+        if live > phase_best.get(name, (-1, 0))[0]:
+            phase_best[name] = (live, event)
+        if live > peak:
+            peak, peak_event = live, event
+    peak_phase = ""
+    for name, start in bounds:
+        if start <= peak_event:
+            peak_phase = name
+    phase_peaks = [(name, phase_best[name][0], composition_at(records, phase_best[name][1], constant))
+                   for name, _ in bounds]
+    return Analysis(peak, peak_event, peak_phase, composition_at(records, peak_event, constant), phase_peaks)
+
+
+def composition_at(records: list[Record], event: int, constant: dict | None = None) -> dict:
+    out = dict(constant or {})
+    for r in records:
+        if r.alloc_at <= event and (r.free_at is None or r.free_at > event):
+            key = r.category or Category.TEMPORARIES
+            out[key] = out.get(key, 0) + r.nbytes
+    return out
