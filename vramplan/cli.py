@@ -1,0 +1,576 @@
+"""The `vramplan` command: parse, call the library, render. Nothing here computes memory.
+
+Each subcommand is one `run` function registered with `@command(...)`, which names it, gives its
+one-line summary and examples, and points at the function that adds its flags; `build_parser()`
+builds argparse from the registry, so adding `simulate` later is one function and one decorator.
+
+The spec flags are described once (`SPEC_FLAGS`) and added to `estimate` (one value each) and to
+`compare` (comma lists). Only the flags the user gave reach `build_spec`, so the spec knows what
+was fixed and what was a default. Every bad input ends as one line on stderr and exit code 2.
+
+Imports are paid where they are used: the `estimate` path never imports torch, and matplotlib or
+pandas only with `--chart` or `--csv`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import itertools
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from vramplan import __version__
+from vramplan.errors import UsageError
+from vramplan.gpus import ALIASES, CATALOG
+from vramplan.models.catalog import MODELS
+from vramplan.models.resolve import resolve_model
+from vramplan.spec import (
+    METHOD_KNOBS, BaseQuant, LoraTargets, Method, Optimizer, TrainingSpec, build_spec,
+    spec_from_json,
+)
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+# -- the subcommand registry ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    summary: str                                         # one line, shown in `vramplan --help`
+    run: Callable[[argparse.Namespace], int]
+    arguments: Callable[[argparse.ArgumentParser], None]
+    description: str = ""
+    examples: tuple[str, ...] = ()
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, summary: str, *, arguments: Callable[[argparse.ArgumentParser], None],
+            examples: tuple[str, ...] = ()):
+    """Register the decorated `run(args) -> exit code` as subcommand `name`."""
+    def register(run: Callable[[argparse.Namespace], int]):
+        COMMANDS[name] = Command(name, summary, run, arguments,
+                                 description=inspect.cleandoc(run.__doc__ or summary),
+                                 examples=examples)
+        return run
+    return register
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its errors become a `UsageError`: one line, exit 2, like every other."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # argparse takes "-1" as a value but "-1,4" (compare --lokr-factor) as an unknown flag.
+        self._negative_number_matcher = re.compile(r"^-\d[\d.,]*$")
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="vramplan", allow_abbrev=False,
+        description="Will this diffusion fine-tune fit on my GPU, and with which settings?",
+        epilog="Run 'vramplan COMMAND --help' for a command's flags and examples.")
+    parser.add_argument("--version", action="version", version=f"vramplan {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for cmd in COMMANDS.values():
+        epilog = None
+        if cmd.examples:
+            epilog = "examples:\n" + "\n".join(f"  {line}" for line in cmd.examples)
+        sub = subparsers.add_parser(
+            cmd.name, help=cmd.summary, description=cmd.description, epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+        cmd.arguments(sub)
+        sub.set_defaults(run=cmd.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if args.command is None:
+            if extra:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            parser.print_help()
+            return 0
+        if extra:
+            # argparse reports these from the top parser; point at the subcommand's help instead.
+            raise UsageError(f"unrecognized arguments: {' '.join(extra)} "
+                             f"(see 'vramplan {args.command} --help')")
+        return args.run(args) or 0
+    except UsageError as error:
+        print(f"vramplan: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as stop:  # --help and --version
+        return stop.code if isinstance(stop.code, int) else 0
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `vramplan gpus | head`: the reader left. Point stdout at devnull so the interpreter's
+        # final flush does not complain on the way out.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+# -- the spec flags, described once --------------------------------------------------------------
+
+def _choices(enum) -> str:
+    return " | ".join(member.value for member in enum)
+
+
+@dataclass(frozen=True)
+class SpecFlag:
+    name: str               # the TrainingSpec field (and build_spec option) it sets
+    help: str               # what it does, its choices and its default
+    metavar: str = "VALUE"
+    switch: bool = False    # on/off: --flag / --no-flag
+    listable: bool = True   # compare: "a,b" is two values (not for a value that holds commas)
+
+    @property
+    def option(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+SPEC_FLAGS: tuple[SpecFlag, ...] = (
+    SpecFlag("model", f"model to train: {' | '.join(MODELS)}, or the path of a diffusers folder "
+                      f"or a single .safetensors checkpoint (default: sd15; 'vramplan models' "
+                      f"lists them)", "MODEL"),
+    SpecFlag("method", f"training method: {_choices(Method)} (default: lora). dreambooth is a "
+                       f"full fine-tune with prior preservation", "METHOD"),
+    SpecFlag("rank", "rank of the lora / loha / lokr update, a whole number >= 1 (default: 16)",
+             "R"),
+    SpecFlag("alpha", "lora / loha / lokr alpha, > 0; scales the update, costs no memory "
+                      "(default: the rank)", "A"),
+    SpecFlag("lora_targets", f"layers the adapter wraps: {_choices(LoraTargets)} (default: attn "
+                             f"= to_q, to_k, to_v, to_out.0, as the diffusers scripts; "
+                             f"all-linear+conv is LoCon)", "SET"),
+    SpecFlag("lokr_factor", "lokr decompose factor: -1 splits each dimension as evenly as it "
+                            "can, or a whole number >= 2 (default: -1)", "F"),
+    SpecFlag("num_vectors", "textual-inversion: new token vectors to learn, >= 1 (default: 1)",
+             "N"),
+    SpecFlag("hypernetwork_layers", "hypernetwork layer widths as multiples of the context "
+                                    "width, starting and ending with 1 (default: 1,2,1, "
+                                    "NovelAI's)", "W,W,W", listable=False),
+    SpecFlag("prior_preservation", "train on as many class images as instance images each step, "
+                                   "doubling the images per step (default: off; always on for "
+                                   "dreambooth)", switch=True),
+    SpecFlag("precision", "fp16 = mixed: autocast to fp16, fp32 trainable weights, frozen "
+                          "weights in fp16 (default) | bf16 = the same in bfloat16 | fp32 | "
+                          "fp16-pure | bf16-pure = every weight, gradient and state in 16 bits",
+             "P"),
+    SpecFlag("base_quant", f"bitsandbytes quantisation of the frozen base, for --method lora: "
+                           f"{_choices(BaseQuant)} (default: none)", "Q"),
+    SpecFlag("optimizer", f"optimizer: {_choices(Optimizer)} (default: adamw)", "OPT"),
+    SpecFlag("momentum", "sgd momentum, 0 <= m < 1; 0 keeps no state (default: 0; "
+                         "--optimizer sgd only)", "M"),
+    SpecFlag("batch_size", "images per step per GPU, >= 1 (default: 1)", "N"),
+    SpecFlag("gradient_accumulation_steps", "steps whose gradients are summed before each "
+                                            "optimizer step, >= 1 (default: 1)", "N"),
+    SpecFlag("resolution", "training size in pixels, N or WxH (e.g. 1024 or 832x1216), a "
+                           "multiple of what the model needs: 64 for sd15/sd21/sdxl, 16 for "
+                           "sd35/flux (default: the model's native size)", "N|WxH"),
+    SpecFlag("gradient_checkpointing", "recompute activations during backward instead of "
+                                       "keeping them (default: off)", switch=True),
+    SpecFlag("attention", "attention kernel: sdpa (default) | xformers = keep no sequence x "
+                          "sequence matrix | eager = keeps it", "KIND"),
+    SpecFlag("train_text_encoder", "also train the text encoder(s) the diffusers scripts train "
+                                   "(default: off)", switch=True),
+    SpecFlag("cache_latents", "encode the images once beforehand: no VAE on the GPU during "
+                              "training (default: off)", switch=True),
+    SpecFlag("cache_text_embeddings", "encode the captions once beforehand: no text encoders on "
+                                      "the GPU; needs a frozen text encoder (default: off)",
+             switch=True),
+    SpecFlag("ema", "keep an exponential moving average of the trained weights, for full and "
+                    "dreambooth (default: off)", switch=True),
+    SpecFlag("gpu", f"the card to check: a size (16GB = 16*10^9 bytes, 16GiB = 16*2^30, "
+                    f"24G = 24GB) or one of {', '.join(CATALOG)} ('vramplan gpus' lists them; "
+                    f"default: none, report only what it needs)", "GPU"),
+)
+
+
+def add_spec_flags(parser: argparse.ArgumentParser, *, lists: bool = False) -> None:
+    """The spec flags, unset unless given. With `lists`, each may be a comma list, or repeated."""
+    group = parser.add_argument_group(
+        "training spec" + (" (each a comma list, or repeated: all combinations are compared)"
+                           if lists else ""))
+    for flag in SPEC_FLAGS:
+        if flag.switch and lists:
+            group.add_argument(flag.option, dest=flag.name, action="append", nargs="?",
+                               const="yes", metavar="no,yes",
+                               help=flag.help + "; 'no,yes' compares both")
+        elif flag.switch:
+            # --flag / --no-flag: the --no- form switches off what a --plan turned on.
+            group.add_argument(flag.option, dest=flag.name, action=argparse.BooleanOptionalAction,
+                               default=None, help=flag.help)
+        else:
+            group.add_argument(flag.option, dest=flag.name, metavar=flag.metavar,
+                               action="append" if lists else "store", help=flag.help)
+    group.add_argument("--plan", metavar="FILE", type=Path,
+                       help="start from a saved spec: the JSON of TrainingSpec.to_json(), or "
+                            "of 'vramplan estimate --json'; flags given here override its values")
+
+
+def given_options(args: argparse.Namespace) -> dict:
+    """Only what the user typed: field name -> raw value, for `build_spec` to validate."""
+    return {f.name: getattr(args, f.name) for f in SPEC_FLAGS if getattr(args, f.name) is not None}
+
+
+# -- plans ---------------------------------------------------------------------------------------
+
+def read_plan(path: Path) -> dict:
+    """A plan file's spec object: `TrainingSpec.to_json()`, or an estimate's JSON holding one."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise UsageError(f"--plan: {str(path)!r} does not exist") from None
+    except OSError as error:
+        raise UsageError(f"--plan: cannot read {str(path)!r}: {error.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UsageError(f"--plan: {str(path)!r} is not valid JSON: {error.msg} at line "
+                         f"{error.lineno}, column {error.colno}") from None
+    if isinstance(data, dict) and isinstance(data.get("spec"), dict):
+        data = data["spec"]
+    if not isinstance(data, dict):
+        raise UsageError(f"--plan: {str(path)!r} must hold one JSON object (a spec), "
+                         f"not a {type(data).__name__}")
+    return data
+
+
+_METHOD_KNOB_NAMES = frozenset().union(*METHOD_KNOBS.values())
+
+
+def override_plan(plan: dict, overrides: dict) -> dict:
+    """The plan's values with `overrides` on top, minus plan values that followed an overridden one.
+
+    A plan stores resolved values, including those that only followed from another setting: a
+    lora plan's rank means nothing to `--method full`, its alpha = rank default should follow a
+    new `--rank`, its native resolution a new `--model`, its sgd momentum a new `--optimizer`.
+    Those are dropped so that build_spec derives them again; values the user gives always stay.
+    """
+    merged = {k: v for k, v in plan.items() if v is not None}
+    if "method" in overrides:
+        method = Method.parse(overrides["method"], "--method")
+        for name in _METHOD_KNOB_NAMES - METHOD_KNOBS[method]:
+            merged.pop(name, None)
+        if Method.DREAMBOOTH in (method, _plan_method(plan)):
+            merged.pop("prior_preservation", None)   # dreambooth implies it
+    if "rank" in overrides and plan.get("alpha") is not None and plan.get("rank") is not None \
+            and float(plan["alpha"]) == float(plan["rank"]):
+        merged.pop("alpha", None)
+    if "optimizer" in overrides:
+        merged.pop("momentum", None)
+    if "model" in overrides and "resolution" in plan:
+        try:
+            native = resolve_model(plan["model"]).native_resolution
+        except UsageError:
+            native = None
+        if plan["resolution"] in ([native, native], native):
+            merged.pop("resolution", None)
+    merged.update(overrides)
+    return merged
+
+
+def _plan_method(plan: dict) -> Method | None:
+    try:
+        return Method.parse(plan.get("method", "lora"), "--method")
+    except UsageError:
+        return None
+
+
+def resolve_spec(options: dict, plan: dict | None, plan_path: Path | None = None) -> TrainingSpec:
+    """The validated TrainingSpec: the flags given, on top of the plan if there is one."""
+    if plan is None:
+        return build_spec(options)
+    try:
+        base = spec_from_json(plan)
+    except UsageError as error:
+        raise UsageError(f"--plan {plan_path}: {error}") from None
+    if not options:
+        return base
+    merged = override_plan(plan, options)
+    if isinstance(merged.get("hypernetwork_layers"), str):
+        # spec_from_json reads the layers as a list, as to_json writes them.
+        merged["hypernetwork_layers"] = merged["hypernetwork_layers"].split(",")
+    return spec_from_json(merged)
+
+
+# -- estimate ------------------------------------------------------------------------------------
+
+def _output_flags(parser: argparse.ArgumentParser, *, many: bool = False) -> None:
+    group = parser.add_argument_group("output")
+    group.add_argument("--json", action="store_true",
+                       help="print one JSON " + ("list, an object per estimate, " if many else
+                                                 "object ") + "to stdout and nothing else")
+    group.add_argument("--chart", metavar="PATH", type=Path,
+                       help="also draw the grid" + ("s side by side" if many else "")
+                       + " to PATH, a .png or .svg file")
+    if many:
+        group.add_argument("--csv", metavar="PATH", type=Path,
+                           help="also write the table to PATH as CSV: one row per estimate, "
+                                "sizes in bytes")
+
+
+def _estimate_arguments(parser: argparse.ArgumentParser) -> None:
+    add_spec_flags(parser)
+    _output_flags(parser)
+
+
+def _check_chart_path(path: Path | None) -> None:
+    """Fail before any work rather than after the answer is printed."""
+    if path is not None and path.suffix.lower() not in (".png", ".svg"):
+        raise UsageError(f"--chart: {str(path)!r} must end in .png or .svg")
+
+
+def _say_written(args: argparse.Namespace, lines: list[str]) -> None:
+    """Which files were written: on stderr under --json, which keeps stdout pure JSON."""
+    for line in lines:
+        print(line, file=sys.stderr if args.json else sys.stdout)
+
+
+def _print_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+@command("estimate", "how much memory one fine-tune needs, and whether it fits a card",
+         arguments=_estimate_arguments,
+         examples=(
+             "vramplan estimate --method lora --rank 128 --gpu 16GB",
+             "vramplan estimate --model sdxl --method full --precision bf16 --optimizer adamw8bit "
+             "--gradient-checkpointing --gpu a100-80g",
+             "vramplan estimate --model flux-dev --base-quant nf4 --cache-latents "
+             "--cache-text-embeddings --gpu rtx4090 --chart flux.png",
+             "vramplan estimate --gpu 24GB --json > plan.json; "
+             "vramplan estimate --plan plan.json --batch-size 4",
+         ))
+def estimate_command(args: argparse.Namespace) -> int:
+    """Count the memory of one training step from the spec, without a GPU and without torch:
+    weights, gradients, optimizer states, activations and overheads, drawn as the card's grid
+    of 1 GB squares, with the verdict against --gpu."""
+    _check_chart_path(args.chart)
+    plan = read_plan(args.plan) if args.plan is not None else None
+    spec = resolve_spec(given_options(args), plan, args.plan)
+
+    from vramplan.estimate import estimate
+
+    result = estimate(spec)
+    # Files first, so that a file that cannot be written fails before anything is printed.
+    written = []
+    if args.chart is not None:
+        from vramplan.render import write_grid_chart
+
+        written.append(f"chart written to {write_grid_chart(result, args.chart)}")
+    if args.json:
+        _print_json(result.to_json())
+    else:
+        from rich.console import Console
+
+        from vramplan.render import render_estimate
+
+        render_estimate(result, Console())
+    _say_written(args, written)
+    return 0
+
+
+# -- compare -------------------------------------------------------------------------------------
+
+def _compare_arguments(parser: argparse.ArgumentParser) -> None:
+    add_spec_flags(parser, lists=True)
+    _output_flags(parser, many=True)
+
+
+def spec_grid(args: argparse.Namespace) -> list[tuple[str, dict]]:
+    """Every combination of the listed values: (a label naming its varied flags, options)."""
+    axes = []
+    for flag in SPEC_FLAGS:
+        occurrences = getattr(args, flag.name)
+        if not occurrences:
+            continue
+        values = []
+        for text in occurrences:
+            values += text.split(",") if flag.listable else [text]
+        axes.append((flag, [v.strip() for v in values]))
+    combos = []
+    for chosen in itertools.product(*(values for _, values in axes)):
+        label = " ".join(f"{flag.option} {value}" for (flag, values), value in zip(axes, chosen)
+                         if len(values) > 1)
+        combos.append((label, {flag.name: value for (flag, _), value in zip(axes, chosen)}))
+    return combos
+
+
+@command("compare", "several fine-tunes side by side: every combination of the values given",
+         arguments=_compare_arguments,
+         examples=(
+             "vramplan compare --method full,lora --precision fp32,fp16 --gpu 16GB",
+             "vramplan compare --rank 4,16,64,128 --gpu 16GB --csv ranks.csv",
+             "vramplan compare --model sdxl --gradient-checkpointing no,yes --batch-size 1,4 "
+             "--gpu rtx4090 --chart sdxl.svg",
+             "vramplan compare --method hypernetwork --hypernetwork-layers 1,2,1 "
+             "--hypernetwork-layers 1,4,1",
+         ))
+def compare_command(args: argparse.Namespace) -> int:
+    """Estimate every combination of the values given (--method full,lora --rank 4,64 is four
+    fine-tunes; a flag holding commas itself, like --hypernetwork-layers, is repeated instead)
+    and show their grids side by side and one table of the numbers."""
+    _check_chart_path(args.chart)
+    plan = read_plan(args.plan) if args.plan is not None else None
+    specs = []
+    # Validate every combination before estimating any: a bad one is named, nothing is printed.
+    for label, options in spec_grid(args):
+        try:
+            specs.append(resolve_spec(options, plan, args.plan))
+        except UsageError as error:
+            raise UsageError(f"{label}: {error}" if label else str(error)) from None
+
+    from vramplan.estimate import estimate
+
+    results = [estimate(spec) for spec in specs]
+    written = []
+    if args.csv is not None:
+        from vramplan.render import estimates_frame, write_csv
+
+        written.append(f"table written to {write_csv(estimates_frame(results), args.csv)}")
+    if args.chart is not None:
+        from vramplan.render import write_grid_chart
+        from vramplan.render.compare import titled
+
+        written.append(f"chart written to {write_grid_chart(titled(results), args.chart)}")
+    if args.json:
+        _print_json([result.to_json() for result in results])
+    else:
+        from rich.console import Console
+
+        from vramplan.render import CompareView
+
+        Console().print(CompareView(results))
+    _say_written(args, written)
+    return 0
+
+
+# -- the catalogs --------------------------------------------------------------------------------
+
+def _json_only(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON list to stdout and nothing else")
+
+
+def model_rows() -> list[dict]:
+    from vramplan.models.inventory import load_inventory
+
+    rows = []
+    for model in MODELS.values():
+        components = {}
+        for component in model.components:
+            inventory = load_inventory(model.key, component.name)
+            components[component.name] = {"class": component.cls, "role": component.role,
+                                          "params": inventory.total_params}
+        rows.append({"key": model.key, "name": model.name, "family": model.family,
+                     "repo": model.repo, "components": components,
+                     "total_params": sum(c["params"] for c in components.values()),
+                     "native_resolution": model.native_resolution,
+                     "resolution_multiple": model.resolution_multiple,
+                     "aliases": list(model.aliases)})
+    return rows
+
+
+@command("models", "the model catalog: components, exact parameter counts, native sizes",
+         arguments=_json_only, examples=("vramplan models", "vramplan models --json"))
+def models_command(args: argparse.Namespace) -> int:
+    """The models --model knows, with each component's parameters counted from its real
+    config. --model also takes a diffusers folder or a single .safetensors checkpoint."""
+    rows = model_rows()
+    if args.json:
+        _print_json(rows)
+        return 0
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title="vramplan models", title_justify="left", header_style="bold",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("model")
+    table.add_column("component", no_wrap=True)
+    table.add_column("parameters", justify="right", no_wrap=True)
+    table.add_column("resolution", justify="right")
+    for row in rows:
+        components = row["components"]
+        model = Text.assemble((row["key"], "bold"), "\n", row["name"], "\n",
+                              (f"family {row['family']}", "dim"))
+        names = "\n".join(components) + "\ntotal"
+        counts = "\n".join(f"{c['params']:,}" for c in components.values()) \
+            + f"\n{row['total_params']:,}"
+        resolution = Text.assemble(f"{row['native_resolution']} px", "\n",
+                                   (f"multiple of {row['resolution_multiple']}", "dim"))
+        table.add_row(model, names, counts, resolution, end_section=True)
+    Console().print(table)
+    return 0
+
+
+def gpu_rows() -> list[dict]:
+    from vramplan.units import GB, GIB
+
+    rows = []
+    for gpu in CATALOG.values():
+        row = gpu.to_json()
+        row.update(memory_gib=round(gpu.memory_bytes / GIB, 2),
+                   memory_gb=round(gpu.memory_bytes / GB, 2),
+                   aliases=[alias for alias, key in ALIASES.items() if key == gpu.key],
+                   source=gpu.source)
+        rows.append(row)
+    return rows
+
+
+@command("gpus", "the GPU catalog: each card's real capacity as nvidia-smi reports it",
+         arguments=_json_only, examples=("vramplan gpus", "vramplan gpus --json"))
+def gpus_command(args: argparse.Namespace) -> int:
+    """The cards --gpu knows by name, with the total memory nvidia-smi reports and where that
+    figure was read. --gpu also takes a bare size: 16GB (10^9 bytes), 16GiB (2^30), 24G."""
+    rows = gpu_rows()
+    if args.json:
+        _print_json(rows)
+        return 0
+    from rich import box
+    from rich.console import Console, Group
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title="vramplan gpus", title_justify="left", header_style="bold",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("key", no_wrap=True)
+    table.add_column("name")
+    table.add_column("GiB", justify="right", no_wrap=True)
+    table.add_column("GB", justify="right", no_wrap=True)
+    table.add_column("bf16", justify="center", no_wrap=True)
+    table.add_column("cc", justify="right", no_wrap=True)
+    table.add_column("src", justify="right", no_wrap=True)
+    # Sources are paragraphs: footnotes under the table keep it readable at 80 columns.
+    sources = Table.grid(padding=(0, 1))
+    sources.add_column(justify="right", style="dim", no_wrap=True)
+    sources.add_column(style="dim")
+    for number, row in enumerate(rows, 1):
+        key = Text(row["key"], "bold")
+        for alias in row["aliases"]:
+            key.append(f"\n{alias}", "dim")
+        table.add_row(key, row["name"], f"{row['memory_gib']:.2f}", f"{row['memory_gb']:.2f}",
+                      "yes" if row["bf16"] else "no", row["compute_capability"] or "-",
+                      f"[{number}]")
+        sources.add_row(f"[{number}]", row["source"])
+    note = Text("memory: the total nvidia-smi reports; --gpu also takes a size: 16GB (10^9 "
+                "bytes), 16GiB (2^30), 24G", "dim")
+    Console().print(Group(table, note, Text(""), Text("sources", "bold"), sources))
+    return 0
