@@ -123,6 +123,14 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except Exception as error:  # a bug of ours, not the user's input: say so in one line
+        import os
+
+        if os.environ.get("VRAMPLAN_DEBUG"):
+            raise
+        print(f"vramplan: internal error: {type(error).__name__}: {error} "
+              f"(set VRAMPLAN_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
+        return 1
 
 
 # -- the spec flags, described once --------------------------------------------------------------

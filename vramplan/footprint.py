@@ -21,6 +21,7 @@ class Category(str, Enum):
     OPTIMIZER_STATES = "optimizer_states"
     EMA = "ema"
     AUTOCAST_CACHE = "autocast_cache"
+    WORKSPACES = "workspaces"
     INPUTS = "inputs"
     ACTIVATIONS = "activations"
     TEMPORARIES = "temporaries"
@@ -50,10 +51,11 @@ LABELS = {
     Category.OPTIMIZER_STATES: "Optstate",
     Category.EMA: "EMA copy",
     Category.AUTOCAST_CACHE: "Autocast weight casts",
+    Category.WORKSPACES: "cuBLAS workspaces",
     Category.INPUTS: "Batch inputs",
     Category.ACTIVATIONS: "Activation (saved)",
     Category.TEMPORARIES: "Temp",
-    Category.CUDA_CONTEXT: "CUDA context + workspaces",
+    Category.CUDA_CONTEXT: "CUDA context",
     Category.ALLOCATOR_RESERVE: "Allocator reserve",
 }
 
@@ -68,6 +70,7 @@ COLORS = {
     Category.OPTIMIZER_STATES: "#c44e52",
     Category.EMA: "#8172b3",
     Category.AUTOCAST_CACHE: "#b5a642",
+    Category.WORKSPACES: "#6f6f6f",
     Category.INPUTS: "#937860",
     Category.ACTIVATIONS: "#55a868",
     Category.TEMPORARIES: "#a6d96a",

@@ -112,7 +112,7 @@ RULES: dict[str, Rule] = {
         "randint.low", "randn.default", "randn_like.default", "rand.default", "rand_like.default",
         "size.default", "cumprod.default", "cumsum.default", "eq.Scalar", "eq.Tensor", "ne.Scalar",
         "lt.Scalar", "gt.Scalar", "argmax.default", "scalar_tensor.default", "new_zeros.default",
-        "new_ones.default", "new_empty.default", "copy_.default", "fill_.Scalar", "zero_.default",
+        "new_ones.default", "new_empty.default", "new_full.default", "copy_.default", "fill_.Scalar", "zero_.default",
         "bernoulli_.float", "normal_.default", "uniform_.default", "lift_fresh_copy.default",
         "_local_scalar_dense.default", "sym_size.int", "sym_numel.default", "is_nonzero.default")},
 }

@@ -105,12 +105,11 @@ def _adafactor(shape, param_bytes, momentum, all_zero):
 
 
 def _lion(shape, param_bytes, momentum, all_zero):
-    # "lion" is kohya sd-scripts' `--optimizer_type Lion`, i.e. lion_pytorch.Lion
-    # (lion_pytorch/lion_pytorch.py `Lion.step`: `state['exp_avg'] = torch.zeros_like(p)`): one
-    # state in the parameter's dtype, no step tensor. The diffusers scripts offer no Lion.
-    # bitsandbytes.optim.Lion (Optimizer1State, optim_bits=32) keeps its state1 in float32 instead:
-    # the same bytes for float32 parameters, twice as many for pure-16-bit ones.
-    return [StateTensor("exp_avg", _numel(shape), param_bytes)]
+    # "lion" is bitsandbytes.optim.Lion (the issue's choice of library; kohya sd-scripts also offers
+    # it as `Lion8bit`/`PagedLion`): Optimizer1State with optim_bits=32, whose `init_state` makes
+    # `state1 = torch.zeros_like(p, dtype=torch.float32)` -- float32 whatever the parameter's
+    # dtype -- and keeps `step` as a Python int.
+    return [StateTensor("state1", _numel(shape), 4)]
 
 
 def _prodigy(shape, param_bytes, momentum, all_zero):

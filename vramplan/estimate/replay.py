@@ -6,6 +6,9 @@ storage and when Python let go of it. For a given spec we decide which tensors r
 backward (`autograd_rules.py`), which are recomputed under gradient checkpointing, and then walk
 backward in reverse op order allocating each gradient. Every allocation becomes a `Record`
 (bytes rounded to the CUDA allocator's 512-byte blocks); `timeline.analyse` finds the peak.
+
+Several graphs share one clock (`Clock`) so that a trained text encoder's forward, the
+denoiser's forward and backward, and the text encoder's backward form one timeline.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from vramplan.estimate.autograd_rules import ANY, Rule, rule_for
-from vramplan.estimate.graph import Graph
+from vramplan.estimate.concrete import Concrete
 from vramplan.footprint import Category
 from vramplan.timeline import Record
 
@@ -25,331 +28,315 @@ CONSERVATIVE = Rule(save={"*": ANY})
 
 
 def cuda_rounded(nbytes: int) -> int:
+    """PyTorch's CUDA caching allocator hands out multiples of 512 bytes (kMinBlockSize)."""
     return -(-nbytes // 512) * 512 if nbytes else 0
 
 
-@dataclass
-class ReplayOptions:
-    trainable: Callable[[str], bool]          # parameter name -> requires grad
-    inputs_require_grad: frozenset = frozenset()  # graph input roles whose tensors require grad
-    gradient_checkpointing: bool = False
-    backward: bool = True
+class Clock:
+    """Event counter shared by every replay and allocation of one estimated step."""
 
-
-@dataclass
-class ReplayResult:
-    records: list
-    phases: list                       # [(phase, first event)]
-    unknown_ops: set = field(default_factory=set)
-    events: int = 0
-    saved_by_module: dict = field(default_factory=dict)   # module -> activation bytes kept
-
-
-class _Clock:
-    def __init__(self, start: int = 0):
-        self.now = start
+    def __init__(self):
+        self.now = 0
+        self.records: list[Record] = []
+        self.phases: list[tuple[str, int]] = []
 
     def tick(self) -> int:
         self.now += 1
         return self.now
 
-
-class Replayer:
-    def __init__(self, graph: Graph, env: dict, options: ReplayOptions, clock: _Clock | None = None,
-                 phase_prefix: str = ""):
-        self.g = graph
-        self.opt = options
-        self.clock = clock or _Clock()
-        self.prefix = phase_prefix
-        values = graph.evaluate(env)
-        data = graph.data
-        dtypes = data["dtypes"]
-        self.storage_bytes = [cuda_rounded(values[s[0]]) for s in data["storages"]]
-        self.t_sid = [t[0] for t in data["tensors"]]
-        self.t_dtype = [dtypes[t[1]] for t in data["tensors"]]
-        self.t_param = [t[3] for t in data["tensors"]]
-        self.t_bytes = []
-        for t in data["tensors"]:
-            numel = 1
-            for e in t[2]:
-                numel *= values[e]
-            self.t_bytes.append(numel * ITEMSIZE.get(dtypes[t[1]], 4))
-        self.free_after: dict[int, list[int]] = {}
-        for sid, s in enumerate(data["storages"]):
-            if s[2] is not None:
-                self.free_after.setdefault(s[2], []).append(sid)
-        self.param_sids = {self.t_sid[t] for t, p in enumerate(self.t_param) if p is not None}
-        self.input_tids = data.get("inputs", {})
-        self.regions = data["regions"] if options.gradient_checkpointing else []
-        self.records: list[Record] = []
-        self.phases: list = []
-        self.unknown: set = set()
-
-    # -- bookkeeping ------------------------------------------------------------------------------
-    def _alloc(self, nbytes: int, category, phase: str, op: str = "", module: str = "") -> Record:
-        rec = Record(nbytes=cuda_rounded(nbytes) if nbytes % 512 else nbytes, alloc_at=self.clock.tick(),
-                     category=category, phase=phase, op=op, module=module)
+    def alloc(self, nbytes: int, category, phase: str, op: str = "", module: str = "") -> Record:
+        rec = Record(nbytes=cuda_rounded(nbytes), alloc_at=self.tick(), category=category,
+                     phase=phase, op=op, module=module)
         self.records.append(rec)
         return rec
 
-    def _free(self, rec: Record) -> None:
+    def free(self, rec: Record) -> None:
         if rec.free_at is None:
-            rec.free_at = self.clock.tick()
+            rec.free_at = self.tick()
 
-    def _phase(self, name: str) -> None:
-        self.phases.append((self.prefix + name, self.clock.now + 1))
+    def phase(self, name: str) -> None:
+        self.phases.append((name, self.now + 1))
 
-    # -- the replay -------------------------------------------------------------------------------
-    def run(self) -> ReplayResult:
-        g, ops = self.g, self.g.ops
-        n_tensors = len(self.t_sid)
-        rg = [False] * n_tensors
-        for tid, name in enumerate(self.t_param):
-            if name is not None:
-                rg[tid] = self.opt.trainable(name) and self.t_dtype[tid] in FLOATING
-        for role, tid in self.input_tids.items():
-            rg[tid] = role in self.opt.inputs_require_grad
 
-        region_of = {}
-        region_end = {}
+@dataclass
+class ReplayOptions:
+    trainable: Callable[[str], bool]              # parameter name -> requires grad
+    inputs_require_grad: frozenset = frozenset()  # graph input roles whose tensors require grad
+    gradient_checkpointing: bool = False
+    phase_prefix: str = ""
+
+
+@dataclass
+class Replayed:
+    unknown_ops: set = field(default_factory=set)
+    saved_by_module: dict = field(default_factory=dict)   # module -> activation bytes kept
+    param_grads: dict = field(default_factory=dict)       # parameter name -> Record
+    input_grads: dict = field(default_factory=dict)       # input role -> Record (caller frees)
+
+
+class Replayer:
+    def __init__(self, graph: Concrete, options: ReplayOptions, clock: Clock):
+        self.g = graph
+        self.opt = options
+        self.clock = clock
+        self.result = Replayed()
+        self.storage_bytes = graph.s_bytes
+        self.t_sid = graph.t_sid
+        self.t_dtype = graph.t_dtype
+        self.t_param = graph.t_param
+        self.t_bytes = graph.t_bytes
+        self.free_after: dict[int, list[int]] = {}
+        for sid, free in enumerate(graph.s_free):
+            if free is not None and graph.s_alloc[sid] is not None:
+                self.free_after.setdefault(free, []).append(sid)
+        self.param_sids = {self.t_sid[t] for t, p in enumerate(self.t_param) if p is not None}
+        self.regions = graph.regions if options.gradient_checkpointing else []
+        self.region_of = {}
+        self.region_end = {}
+        self.region_start = {}
         for r in self.regions:
             for i in range(r[1], r[2] + 1):
-                region_of[i] = r
-            region_end[r[2]] = r
+                self.region_of[i] = r
+            self.region_end[r[2]] = r
+            self.region_start[r[1]] = r
+        n = len(self.t_sid)
+        self.rg = [False] * n
+        for tid, name in enumerate(self.t_param):
+            if name is not None:
+                self.rg[tid] = options.trainable(name) and self.t_dtype[tid] in FLOATING
+        for role, tid in graph.inputs.items():
+            self.rg[tid] = role in options.inputs_require_grad
+        self.live: dict[int, Record] = {}
+        self.python_alive: dict[int, bool] = {}
+        self.holds: dict[int, int] = {}
+        self.saved_by_op: dict[int, list[int]] = {}
+        self.input_records: dict[int, Record] = {}
 
-        # storage state
-        live: dict[int, Record] = {}          # sid -> record of the current incarnation
-        python_alive: dict[int, bool] = {}
-        holds: dict[int, int] = {}            # sid -> number of autograd / checkpoint holds
-        saved_by_op: dict[int, list[int]] = {}
-        saved_module_bytes: dict[str, int] = {}
+    # -- storage bookkeeping -------------------------------------------------------------------
+    def _hold(self, sid: int) -> None:
+        self.holds[sid] = self.holds.get(sid, 0) + 1
 
-        def release(sid: int) -> None:
-            holds[sid] -= 1
-            if holds[sid] == 0 and not python_alive.get(sid, False) and sid in live:
-                self._free(live.pop(sid))
+    def _release(self, sid: int) -> None:
+        self.holds[sid] -= 1
+        self._maybe_free(sid)
 
-        def hold(sid: int) -> None:
-            holds[sid] = holds.get(sid, 0) + 1
+    def _maybe_free(self, sid: int) -> None:
+        if self.holds.get(sid, 0) == 0 and not self.python_alive.get(sid, False) and sid in self.live:
+            self.clock.free(self.live.pop(sid))
 
-        # inputs (latents, cached embeddings...) and constants made before the graph
-        for sid, s in enumerate(g.storages):
-            if s[1] == -1 and sid not in self.param_sids:
-                live[sid] = self._alloc(self.storage_bytes[sid], Category.INPUTS, self.prefix + "forward")
-                python_alive[sid] = True
+    def _python_free(self, sid: int, only: dict | None = None) -> None:
+        if only is not None and sid not in only:
+            return
+        self.python_alive[sid] = False
+        self._maybe_free(sid)
 
-        self._phase("forward")
-        for i, op in enumerate(ops):
-            self._forward_op(i, op, rg, live, python_alive, holds, saved_by_op, saved_module_bytes,
-                             region_of, hold, save=True)
-            if i in region_end and self.opt.backward:
-                for tid in region_end[i][3]:
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, inputs: dict | None = None) -> None:
+        """`inputs`: role -> Record already allocated by the caller (kept, not re-counted)."""
+        inputs = inputs or {}
+        g = self.g
+        phase = self.opt.phase_prefix + "forward"
+        roles = {tid: role for role, tid in g.inputs.items()}
+        for sid, alloc in enumerate(g.s_alloc):
+            if alloc == -1 and sid not in self.param_sids:
+                role = next((roles[t] for t, ts in enumerate(self.t_sid) if ts == sid and t in roles), None)
+                if role in inputs:
+                    self.live[sid] = inputs[role]
+                else:
+                    self.live[sid] = self.clock.alloc(self.storage_bytes[sid], Category.INPUTS, phase)
+                self.python_alive[sid] = True
+                self.input_records[sid] = self.live[sid]
+        for i, op in enumerate(g.ops):
+            self._forward_op(i, op, phase, in_region=i in self.region_of)
+            if i in self.region_end:
+                for tid in self.region_end[i][3]:
                     sid = self.t_sid[tid]
                     if sid not in self.param_sids:
-                        hold(sid)
+                        self._hold(sid)  # checkpoint keeps the region's inputs for recomputation
             for sid in self.free_after.get(i, ()):
-                python_alive[sid] = False
-                if holds.get(sid, 0) == 0 and sid in live:
-                    self._free(live.pop(sid))
+                if sid not in self.input_records:
+                    self._python_free(sid)
 
-        if self.opt.backward:
-            self._phase("backward")
-            self._backward(rg, live, python_alive, holds, saved_by_op, region_end, release, hold)
-
-        for rec in live.values():
-            self._free(rec)
-        live.clear()
-        return ReplayResult(self.records, self.phases, self.unknown, self.clock.now, saved_module_bytes)
-
-    def _forward_op(self, i, op, rg, live, python_alive, holds, saved_by_op, saved_module_bytes,
-                    region_of, hold, save: bool, phase: str = "forward", new_records: dict | None = None):
+    def _forward_op(self, i, op, phase, in_region: bool, fresh: dict | None = None) -> None:
         g = self.g
         name = g.opname(op)
         rule = rule_for(name)
         if rule is None:
-            self.unknown.add(name)
+            self.result.unknown_ops.add(name)
             rule = CONSERVATIVE
+        rg = self.rg
         args = {}
         for arg, tid in op[2]:
             args.setdefault(arg, tid)
         any_rg = rule.differentiable and any(rg[t] for _, t in op[2] if self.t_dtype[t] in FLOATING)
-        is_cast_of_param = name == "_to_copy.default" and any(self.t_param[t] for _, t in op[2])
+        cast_of_param = name == "_to_copy.default" and any(self.t_param[t] for _, t in op[2])
         for tid in op[3]:
             rg[tid] = any_rg and self.t_dtype[tid] in FLOATING
             sid = self.t_sid[tid]
-            if g.storages[sid][1] == i and sid not in live:
-                category = Category.AUTOCAST_CACHE if is_cast_of_param else Category.TEMPORARIES
-                live[sid] = self._alloc(self.storage_bytes[sid], category, self.prefix + phase,
-                                        name, g.module(op))
-                python_alive[sid] = True
-                if new_records is not None:
-                    new_records[sid] = live[sid]
-        if not (save and any_rg):
+            if g.s_alloc[sid] == i and sid not in self.live:
+                category = Category.AUTOCAST_CACHE if cast_of_param else Category.TEMPORARIES
+                rec = self.clock.alloc(self.storage_bytes[sid], category, phase, name, g.module(op))
+                self.live[sid] = rec
+                self.python_alive[sid] = True
+                if fresh is not None:
+                    fresh[sid] = rec
+        if not any_rg or in_region:
             return
-        if i in region_of and phase == "forward":
-            return  # checkpointed: nothing kept now, recomputed in backward
         kept = []
         for slot, triggers in rule.save.items():
-            if triggers == ANY:
-                needed = True
-            else:
-                needed = any(rg[args[t]] for t in triggers if t in args)
-            if not needed:
+            if slot == "*":
+                kept.extend(t for _, t in op[2])
+                continue
+            if triggers != ANY and not any(rg[args[t]] for t in triggers if t in args):
                 continue
             if slot.startswith("out") and slot[3:].isdigit():
                 k = int(slot[3:])
-                tid = op[3][k] if k < len(op[3]) else None
-            elif slot == "*":
-                for _, tid in op[2]:
-                    kept.append(tid)
-                continue
-            else:
-                tid = args.get(slot)
-            if tid is not None:
-                kept.append(tid)
+                if k < len(op[3]):
+                    kept.append(op[3][k])
+            elif slot in args:
+                kept.append(args[slot])
         sids = []
         for tid in kept:
             sid = self.t_sid[tid]
             if sid in self.param_sids or sid in sids:
                 continue
             sids.append(sid)
-            hold(sid)
-            rec = live.get(sid)
-            if rec is not None:
-                if not rec.saved and rec.category is Category.TEMPORARIES:
+            self._hold(sid)
+            rec = self.live.get(sid)
+            if rec is not None and not rec.saved:
+                rec.saved = True
+                if rec.category is Category.TEMPORARIES:
                     rec.category = Category.ACTIVATIONS
                     module = g.module(op)
-                    saved_module_bytes[module] = saved_module_bytes.get(module, 0) + rec.nbytes
-                rec.saved = True
-        saved_by_op[i] = sids
+                    self.result.saved_by_module[module] = self.result.saved_by_module.get(module, 0) + rec.nbytes
+        self.saved_by_op[i] = sids
 
-    def _backward(self, rg, live, python_alive, holds, saved_by_op, region_end, release, hold):
+    # -- backward ------------------------------------------------------------------------------
+    def backward(self, output_grads: dict | None = None) -> Replayed:
+        """Start from the loss (or from gradients given for graph outputs, role -> Record)."""
         g, ops = self.g, self.g.ops
-        grads: dict[int, Record] = {}        # tid -> gradient record
-        grad_refs: dict[int, int] = {}       # id(record) -> tensors sharing it
+        phase = self.opt.phase_prefix + "backward"
+        grads: dict[int, Record] = {}
+        refs: dict[int, int] = {}
 
         def give(tid: int, rec: Record) -> None:
             if tid in grads:
-                # accumulate in place into the existing buffer; the incoming one is dropped
-                drop(rec)
+                drop(rec)  # accumulated in place into the buffer already there
                 return
             grads[tid] = rec
-            grad_refs[id(rec)] = grad_refs.get(id(rec), 0) + 1
+            refs[id(rec)] = refs.get(id(rec), 0) + 1
 
         def drop(rec: Record) -> None:
-            grad_refs[id(rec)] = grad_refs.get(id(rec), 0) - 1
-            if grad_refs[id(rec)] <= 0:
-                self._free(rec)
+            refs[id(rec)] = refs.get(id(rec), 0) - 1
+            if refs[id(rec)] <= 0:
+                self.clock.free(rec)
 
         def new_grad(nbytes: int, op_name: str, module: str) -> Record:
-            rec = self._alloc(nbytes, Category.TEMPORARIES, self.prefix + "backward", op_name, module)
-            grad_refs[id(rec)] = 0
+            rec = self.clock.alloc(nbytes, Category.TEMPORARIES, phase, op_name, module)
+            refs[id(rec)] = 0
             return rec
 
-        loss = g.data["outputs"].get("loss")
-        if loss is None:
-            return
-        start = new_grad(self.t_bytes[loss], "ones_like", "")
-        give(loss, start)
+        outputs = g.outputs
+        if output_grads is None:
+            loss = outputs.get("loss")
+            if loss is None:
+                return self.result
+            give(loss, new_grad(self.t_bytes[loss], "ones_like", ""))
+        else:
+            for role, rec in output_grads.items():
+                if role in outputs:
+                    refs[id(rec)] = 0
+                    give(outputs[role], rec)
 
-        param_grads: dict[str, Record] = {}
-        recomputed_from: dict[int, int] = {}
+        input_roles = {tid: role for role, tid in g.inputs.items()}
         for i in range(len(ops) - 1, -1, -1):
             op = ops[i]
-            if i in region_end and any(t in grads for t in self._region_outputs(region_end[i])):
-                self._recompute(region_end[i], rg, live, python_alive, holds, saved_by_op, hold)
-                for tid in region_end[i][3]:
-                    sid = self.t_sid[tid]
-                    if sid not in self.param_sids:
-                        recomputed_from[sid] = recomputed_from.get(sid, 0) + 1
-            outs_with_grad = [t for t in op[3] if t in grads]
-            if not outs_with_grad:
-                continue
-            name = g.opname(op)
-            rule = rule_for(name) or CONSERVATIVE
-            module = g.module(op)
-            out_grad = grads[outs_with_grad[0]]
-            out_tid = outs_with_grad[0]
-            seen_inputs = set()
-            for arg, tid in op[2]:
-                if tid in seen_inputs or not rg[tid] or self.t_dtype[tid] not in FLOATING:
-                    continue
-                seen_inputs.add(tid)
-                for slot, count in rule.temps:
-                    ref = op[2][0][1] if slot == "self" else dict(op[2]).get(slot, op[2][0][1])
-                    temps = [new_grad(self.t_bytes[ref], name, module) for _ in range(count)]
-                    for t in temps:
-                        self._free(t)
-                if rule.grad == "none":
-                    continue
-                alias = rule.grad == "alias" and self.t_dtype[tid] == self.t_dtype[out_tid] and (
-                    name in ("cat.default", "stack.default") or self.t_bytes[tid] == self.t_bytes[out_tid])
-                if alias:
-                    grad = out_grad
-                    grad_refs[id(grad)] = grad_refs.get(id(grad), 0)  # shared; give() adds a ref
-                else:
-                    grad = new_grad(self.t_bytes[tid], name, module)
-                param = self.t_param[tid]
-                if param is not None:
-                    self._accumulate_param(param, grad, param_grads, grad_refs, alias, name, module)
-                else:
-                    give(tid, grad)
-            for t in outs_with_grad:
-                rec = grads.pop(t)
-                drop(rec)
-            for sid in saved_by_op.pop(i, ()):
-                release(sid)
-            region = self._region_starting(i)
+            region = self.region_end.get(i)
+            if region is not None and any(t in grads for t in region[4]):
+                self._recompute(region, phase)
+            outs = [t for t in op[3] if t in grads]
+            if outs:
+                self._backward_op(i, op, outs, grads, refs, give, drop, new_grad, input_roles)
+            for sid in self.saved_by_op.pop(i, ()):
+                self._release(sid)
+            region = self.region_start.get(i)
             if region is not None:
                 for tid in region[3]:
                     sid = self.t_sid[tid]
-                    if sid not in self.param_sids and holds.get(sid, 0) > 0:
-                        release(sid)
-        for rec in list(grads.values()):
-            drop(rec)
-        # gradients stay until the optimizer has stepped; the caller frees them
-        self.param_grad_records = param_grads
-        for sids in saved_by_op.values():
-            for sid in sids:
-                release(sid)
+                    if sid not in self.param_sids and self.holds.get(sid, 0) > 0:
+                        self._release(sid)
+        for tid, rec in list(grads.items()):
+            role = input_roles.get(tid)
+            if role is not None and role not in self.result.input_grads:
+                self.result.input_grads[role] = rec   # handed to the caller (e.g. text encoder)
+            else:
+                drop(rec)
+        return self.result
 
-    def _accumulate_param(self, param, grad, param_grads, grad_refs, alias, op_name, module):
-        existing = param_grads.get(param)
-        if existing is not None:
-            if not alias and grad_refs.get(id(grad), 0) == 0:
-                self._free(grad)
+    def _backward_op(self, i, op, outs, grads, refs, give, drop, new_grad, input_roles) -> None:
+        g = self.g
+        name = g.opname(op)
+        rule = rule_for(name) or CONSERVATIVE
+        module = g.module(op)
+        out_tid = outs[0]
+        out_grad = grads[out_tid]
+        seen = set()
+        for arg, tid in op[2]:
+            if tid in seen or not self.rg[tid] or self.t_dtype[tid] not in FLOATING:
+                continue
+            seen.add(tid)
+            for slot, count in rule.temps:
+                ref = dict(op[2]).get(slot, op[2][0][1])
+                for _ in range(count):
+                    self.clock.free(new_grad(self.t_bytes[ref], name, module))
+            if rule.grad == "none":
+                continue
+            alias = rule.grad == "alias" and self.t_dtype[tid] == self.t_dtype[out_tid] and (
+                name in ("cat.default", "stack.default") or self.t_bytes[tid] == self.t_bytes[out_tid])
+            grad = out_grad if alias else new_grad(self.t_bytes[tid], name, module)
+            param = self.t_param[tid]
+            if param is not None and tid not in input_roles:
+                self._accumulate(param, grad, refs, alias, name, module)
+            else:
+                give(tid, grad)
+        for t in outs:
+            drop(grads.pop(t))
+
+    def _accumulate(self, param, grad, refs, alias, op_name, module) -> None:
+        """AccumulateGrad: the first gradient becomes `param.grad` (stolen when nothing else holds
+        it, else cloned); later ones are added in place."""
+        grads = self.result.param_grads
+        if param in grads:
+            if not alias and refs.get(id(grad), 0) == 0:
+                self.clock.free(grad)
             return
-        if alias or grad_refs.get(id(grad), 0) > 0:
-            # AccumulateGrad clones a gradient it cannot steal
-            grad = self._alloc(grad.nbytes, Category.GRADIENTS, self.prefix + "backward", op_name, module)
+        if alias or refs.get(id(grad), 0) > 0:
+            grad = self.clock.alloc(grad.nbytes, Category.GRADIENTS, self.opt.phase_prefix + "backward",
+                                    op_name, module)
         else:
             grad.category = Category.GRADIENTS
-        param_grads[param] = grad
+        grads[param] = grad
 
-    def _region_outputs(self, region) -> list:
-        return region[4]
-
-    def _region_starting(self, i):
-        for r in self.regions:
-            if r[1] == i:
-                return r
-        return None
-
-    def _recompute(self, region, rg, live, python_alive, holds, saved_by_op, hold):
+    def _recompute(self, region, phase) -> None:
         """Non-reentrant checkpoint: rerun the region's forward, keeping what backward needs."""
-        start, end = region[1], region[2]
-        new_records: dict[int, Record] = {}
-        for i in range(start, end + 1):
-            op = self.g.ops[i]
-            self._forward_op(i, op, rg, live, python_alive, holds, saved_by_op, {}, {}, hold,
-                             save=True, phase="backward", new_records=new_records)
+        fresh: dict[int, Record] = {}
+        for i in range(region[1], region[2] + 1):
+            self._forward_op(i, self.g.ops[i], phase, in_region=False, fresh=fresh)
             for sid in self.free_after.get(i, ()):
-                if sid in new_records:
-                    python_alive[sid] = False
-                    if holds.get(sid, 0) == 0 and sid in live:
-                        self._free(live.pop(sid))
-        # the recomputed region outputs are discarded; only what autograd holds stays
-        for sid, rec in new_records.items():
-            if python_alive.get(sid) and holds.get(sid, 0) == 0 and sid in live and live[sid] is rec:
-                python_alive[sid] = False
-                self._free(live.pop(sid))
+                self._python_free(sid, only=fresh)
+        for sid, rec in fresh.items():
+            # recomputed outputs are dropped; only what autograd holds stays
+            if self.python_alive.get(sid) and self.live.get(sid) is rec:
+                self._python_free(sid)
+
+    def finish(self) -> None:
+        """Free what is left (graph outputs, inputs the caller did not own, dead-end saves)."""
+        for sids in self.saved_by_op.values():
+            for sid in sids:
+                self.holds[sid] -= 1
+        self.saved_by_op.clear()
+        for sid, rec in list(self.live.items()):
+            if sid in self.input_records and self.input_records[sid] is rec and rec.phase == "external":
+                continue
+            self.clock.free(rec)
+        self.live.clear()

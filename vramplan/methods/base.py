@@ -66,6 +66,12 @@ class MethodImpl(ABC):
         models rather than an adapter."""
         return None
 
+    def wrapped_modules(self, spec: TrainingSpec, component: str,
+                        inventories: Inventories) -> list[ModuleEntry]:
+        """Modules of `component` whose calls this method replaces by an adapted layer (the
+        analytic tier splices a recorded template there). None by default."""
+        return []
+
 
 class AdapterMethod(MethodImpl):
     """peft tuners that wrap chosen Linear / Conv modules with small trainable factors (LoRA,
@@ -83,6 +89,14 @@ class AdapterMethod(MethodImpl):
     def text_encoder_targets(self, spec: TrainingSpec, inventory: Inventory) -> list[ModuleEntry]:
         return text_encoder_targets(inventory)
 
+    def wrapped_modules(self, spec, component, inventories):
+        name, denoiser = denoiser_inventory(spec, inventories)
+        if component == name:
+            return self.targets(spec, denoiser)
+        if component in trained_text_encoders(spec):
+            return self.text_encoder_targets(spec, inventories[component])
+        return []
+
     def trainable_tensors(self, spec, inventories):
         name, denoiser = denoiser_inventory(spec, inventories)
         out = {name: self._wrap(spec, self.targets(spec, denoiser))}
@@ -93,6 +107,19 @@ class AdapterMethod(MethodImpl):
     def _wrap(self, spec, entries) -> list[TrainableTensor]:
         return [TrainableTensor(module_prefix(m) + t.name, t.shape, t.zero_init)
                 for m in entries for t in self.module_tensors(spec, m)]
+
+    def template(self, spec: TrainingSpec, entry: ModuleEntry) -> tuple[str, str, dict]:
+        """Which recorded layer template stands for this wrapped module in the analytic tier:
+        (template method, regime, sizes). Sizes name the template's symbols (IN, OUT, R...)."""
+        return self.method.value, "", {"IN": entry.fan_in, "OUT": entry.fan_out, "R": spec.rank}
+
+    def adapter_prefix(self, spec: TrainingSpec, entry: ModuleEntry) -> str:
+        """Prefix of this module's adapter tensors among `trainable_tensors` names."""
+        return module_prefix(entry)
+
+    def peft_config(self, spec: TrainingSpec, target_modules: list[str]):
+        """The peft config the training step injects (torch side; imports peft)."""
+        raise NotImplementedError(f"{type(self).__name__} has no peft config")
 
     def saved_key(self, spec: TrainingSpec, component: str, name: str) -> str:
         """The key a tensor is saved under: diffusers' `save_lora_weights` prefixes each

@@ -61,6 +61,20 @@ class Hypernetwork(MethodImpl):
                        for width in context_widths(denoiser) for which in (0, 1)
                        for t in hypernetwork_module_tensors(width, layers)]}
 
+    def wrapped_modules(self, spec, component, inventories):
+        name, denoiser = denoiser_inventory(spec, inventories)
+        if component != name:
+            return []
+        return [m for m in denoiser.modules if m.is_linear and
+                (m.name.endswith("attn2.to_k") or m.name.endswith("attn2.to_v"))]
+
+    def template(self, spec, entry):
+        return "hypernetwork", "", {"IN": entry.in_features, "OUT": entry.out_features}
+
+    def adapter_prefix(self, spec, entry):
+        # one MLP pair per context width, shared by every cross-attention layer of that width
+        return f"{entry.in_features}.{0 if entry.name.endswith('to_k') else 1}."
+
     def adapter_file_bytes(self, spec, inventories, dtype: str = "F16") -> int:
         return safetensors_file_bytes([(t.name, t.shape) for ts in self.trainable_tensors(spec, inventories).values()
                                        for t in ts], dtype)

@@ -53,5 +53,11 @@ class LoHa(AdapterMethod):
     def module_tensors(self, spec, entry):
         return loha_module_tensors(entry, spec.rank, self.use_effective_conv2d)
 
+    def peft_config(self, spec, target_modules):
+        from peft import LoHaConfig
+
+        return LoHaConfig(r=spec.rank, alpha=spec.alpha, rank_dropout=0.0, module_dropout=0.0,
+                          use_effective_conv2d=self.use_effective_conv2d, target_modules=list(target_modules))
+
 
 register_method(Method.LOHA, LoHa)

@@ -89,5 +89,22 @@ class LoKr(AdapterMethod):
         factor = spec.lokr_factor if spec.lokr_factor is not None else -1
         return lokr_module_tensors(entry, spec.rank, factor, self.decompose_both, self.use_effective_conv2d)
 
+    def template(self, spec, entry):
+        factor = spec.lokr_factor if spec.lokr_factor is not None else -1
+        names = {t.name for t in self.module_tensors(spec, entry)}
+        in_dim = entry.fan_in // ((entry.groups or 1) if entry.is_conv else 1)
+        in_m, in_n = factorization(in_dim, factor)
+        out_l, out_k = factorization(entry.fan_out, factor)
+        regime = "w2ab" if "lokr_w2_a" in names else "w2"
+        return "lokr", regime, {"IM": in_m, "IN_N": in_n, "OL": out_l, "OK": out_k, "R": spec.rank}
+
+    def peft_config(self, spec, target_modules):
+        from peft import LoKrConfig
+
+        factor = spec.lokr_factor if spec.lokr_factor is not None else -1
+        return LoKrConfig(r=spec.rank, alpha=spec.alpha, rank_dropout=0.0, module_dropout=0.0,
+                          decompose_both=self.decompose_both, decompose_factor=factor,
+                          use_effective_conv2d=self.use_effective_conv2d, target_modules=list(target_modules))
+
 
 register_method(Method.LOKR, LoKr)

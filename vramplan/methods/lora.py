@@ -82,6 +82,14 @@ class LoRA(AdapterMethod):
     def module_tensors(self, spec, entry):
         return lora_module_tensors(entry, spec.rank)
 
+    def peft_config(self, spec, target_modules):
+        from peft import LoraConfig
+
+        # the diffusers LoRA scripts: LoraConfig(r, lora_alpha, init_lora_weights="gaussian",
+        # target_modules); lora_dropout 0 makes peft use nn.Identity.
+        return LoraConfig(r=spec.rank, lora_alpha=spec.alpha, init_lora_weights="gaussian",
+                          target_modules=list(target_modules))
+
     def saved_key(self, spec, component, name):
         if spec.model.family in CONVERTING_FAMILIES:
             name = to_diffusers_key(name)

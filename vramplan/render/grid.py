@@ -47,6 +47,7 @@ SYMBOLS = {
     Category.OPTIMIZER_STATES: "O",
     Category.EMA: "E",
     Category.AUTOCAST_CACHE: "C",
+    Category.WORKSPACES: "w",
     Category.INPUTS: "I",
     Category.ACTIVATIONS: "A",
     Category.TEMPORARIES: "t",

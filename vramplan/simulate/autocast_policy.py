@@ -189,6 +189,7 @@ def cuda_autocast_policy():
                 short = name.removeprefix("aten::")
                 fn = _kernel(op, cuda[name]) if name in cuda else _passthrough(op)
                 _library.impl(short, fn, "AutocastCPU")
+            _patch_clear()
         _installed += 1
     try:
         yield
@@ -199,6 +200,30 @@ def cuda_autocast_policy():
                 _library._destroy()
                 _library = None
                 _cache().clear()
+                _unpatch_clear()
+
+
+_original_clear = None
+
+
+def _patch_clear() -> None:
+    """torch.autocast.__exit__ calls `torch.clear_autocast_cache()` when the outermost region
+    exits (also the one a checkpoint opens to recompute): drop our cache at the same moment."""
+    global _original_clear
+    _original_clear = torch.clear_autocast_cache
+
+    def clear():
+        _original_clear()
+        _cache().clear()
+
+    torch.clear_autocast_cache = clear
+
+
+def _unpatch_clear() -> None:
+    global _original_clear
+    if _original_clear is not None:
+        torch.clear_autocast_cache = _original_clear
+        _original_clear = None
 
 
 @contextlib.contextmanager

@@ -121,14 +121,170 @@ def symbolic_interpolate():
                 return torch.ops.aten.upsample_nearest2d.default(input, size, *map(float, factors))
         return original(input, size, scale_factor, *args, **kwargs)
 
+    original_pad = F.pad
+
+    def pad(input, pad, mode="constant", value=None):
+        # F.pad (constant_pad_nd) specialises symbolic sizes under the fake mode. Write the same
+        # result the same way memory-wise: one new tensor of the padded size, the input copied in.
+        # Used only where nothing requires grad (the VAE encoder's downsampling).
+        if mode != "constant" or input.requires_grad or any(p < 0 for p in pad):
+            return original_pad(input, pad, mode, value)
+        sizes = list(input.shape)
+        index = [slice(None)] * input.dim()
+        for k in range(len(pad) // 2):
+            dim = input.dim() - 1 - k
+            before, after = pad[2 * k], pad[2 * k + 1]
+            index[dim] = slice(before, before + sizes[dim])
+            sizes[dim] = sizes[dim] + before + after
+        out = input.new_full(sizes, 0.0 if value is None else value)
+        out[tuple(index)] = input
+        return out
+
+    original_kron = torch.kron
+
+    def kron(a, b):
+        # aten::kron (KronImpl in aten/src/ATen/native/LinearAlgebra.cpp) views both operands with
+        # interleaved unit dims, multiplies (one allocation of the result's size) and views the
+        # product as the result; its C++ reads concrete sizes, so write the same ops here.
+        nd = max(a.dim(), b.dim())
+        a = a.reshape((1,) * (nd - a.dim()) + tuple(a.shape))
+        b = b.reshape((1,) * (nd - b.dim()) + tuple(b.shape))
+        a_view, b_view, out = [], [], []
+        for i in range(nd):
+            a_view += [a.shape[i], 1]
+            b_view += [1, b.shape[i]]
+            out.append(a.shape[i] * b.shape[i])
+        return (a.reshape(a_view) * b.reshape(b_view)).reshape(out)
+
     F.interpolate = interpolate
+    F.pad = pad
+    torch.kron = kron
     try:
         yield
     finally:
         F.interpolate = original
+        F.pad = original_pad
+        torch.kron = original_kron
 
 
 def _sym(name: str):
     import sympy
 
     return sympy.Symbol(name, integer=True, positive=True)
+
+
+def _recording(recorder, policy_autocast: bool):
+    stack = contextlib.ExitStack()
+    stack.enter_context(cuda_autocast_policy())
+    stack.enter_context(symbolic_interpolate())
+    stack.enter_context(_shape_only_sampling())
+    stack.enter_context(recorder)
+    stack.enter_context(recorder.module_hooks())
+    stack.enter_context(no_saved_tensors())
+    return stack
+
+
+@contextlib.contextmanager
+def _shape_only_sampling():
+    """The VAE's `latent_dist.sample()` draws `randn_tensor(...)`; random kernels do not trace
+    symbolically, so while recording it allocates the same shape without drawing."""
+    import diffusers.models.autoencoders.vae as vae_module
+
+    original = vae_module.randn_tensor
+
+    def empty(shape, generator=None, device=None, dtype=None, layout=None):
+        return torch.empty(shape, device=device, dtype=dtype)
+
+    vae_module.randn_tensor = empty
+    try:
+        yield
+    finally:
+        vae_module.randn_tensor = original
+
+
+def record_text_encoder(model: ModelInfo, name: str, variant: str, attention: str = "sdpa",
+                        textual_inversion: bool = False) -> Graph:
+    """One text encoder's forward as the family calls it; outputs are what conditioning uses."""
+    from vramplan.step.modules import EmbeddingWithNewTokens, replace_module, token_embedding_path
+
+    precision, trainable = VARIANTS[variant]
+    policy = DtypePolicy(precision)
+    family = family_of(model)
+    comp = model.component(name)
+    encoder = build_component(model, comp, "meta", attention=attention)
+    encoder.requires_grad_(trainable)
+    encoder.train(trainable)
+    path = None
+    if textual_inversion:
+        path = token_embedding_path(encoder)
+        replace_module(encoder, path, EmbeddingWithNewTokens(encoder.get_submodule(path), 1))
+        encoder.get_submodule(path).new_rows.requires_grad_(True)
+    env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=env, static_shapes=False)
+    recorder = GraphRecorder()
+    started = time.time()
+    length = model.text_lengths[name]
+    ids = _symbolic(mode, (HINTS["B"], length), [True, False], torch.int64)
+    recorder.symbols = {ids.shape[0].node.expr: _sym("B")}
+
+    def dtype_of(pname, p):
+        if textual_inversion and pname.endswith("new_rows"):
+            return policy.trainable
+        return policy.weight(trainable)
+
+    with mode:
+        materialize(encoder, dtype_of, policy.frozen)
+        recorder.register_params(encoder, prefix=f"{name}.")
+        recorder.graph.inputs["input_ids"] = recorder.tid(ids)
+        with _recording(recorder, policy.autocast):
+            region = autocast_region(policy.low) if policy.autocast else contextlib.nullcontext()
+            with region:
+                outputs = family.encoder_outputs(model, name, encoder, ids)
+            recorder.mark("autocast_exit")
+            for role, tensor in outputs.items():
+                recorder.graph.outputs[role] = recorder.tid(tensor)
+            del outputs
+            recorder.mark("end")
+    return _finish(recorder, env, model, name, variant + ("-ti" if textual_inversion else ""), attention,
+                   started, {"B": "batch (images per step)"})
+
+
+def record_vae_encode(model: ModelInfo, variant: str, attention: str = "sdpa") -> Graph:
+    """`vae.encode(pixels).latent_dist.sample()` scaled, as the scripts do, with no gradient."""
+    precision, _ = VARIANTS[variant]
+    policy = DtypePolicy(precision)
+    family = family_of(model)
+    vae = build_component(model, model.component("vae"), "meta")
+    set_attention(vae, attention)
+    vae.requires_grad_(False)
+    vae.eval()
+    env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=env, static_shapes=False)
+    recorder = GraphRecorder()
+    started = time.time()
+    scale = model.vae_scale
+    pixels = _symbolic(mode, (HINTS["B"], 3, HINTS["H"] * scale, HINTS["W"] * scale),
+                       [True, False, True, True], policy.frozen)
+    b, _, h, w = pixels.shape
+    recorder.symbols = {b.node.expr: _sym("B"), h.node.expr: _sym("H"), w.node.expr: _sym("W")}
+    with mode:
+        materialize(vae, lambda n, p: policy.frozen, policy.frozen)
+        recorder.register_params(vae, prefix="vae.")
+        recorder.graph.inputs["pixel_values"] = recorder.tid(pixels)
+        with _recording(recorder, False):
+            with torch.no_grad():
+                latents = family.latents_from_pixels(vae, pixels)
+            recorder.graph.outputs["latents"] = recorder.tid(latents)
+            del latents
+            recorder.mark("end")
+    return _finish(recorder, env, model, "vae", variant, attention, started,
+                   {"B": "batch (images per step)", "H": "pixel height", "W": "pixel width"})
+
+
+def _finish(recorder, env, model, component, variant, attention, started, symbols) -> Graph:
+    graph = recorder.graph
+    graph.guards = [str(g.expr.xreplace(recorder.symbols)) for g in env.guards]
+    graph.meta = {"model": model.key, "component": component, "variant": variant,
+                  "attention": attention, "symbols": symbols, "hints": HINTS,
+                  "torch": torch.__version__, "seconds": round(time.time() - started, 2)}
+    return graph

@@ -48,8 +48,17 @@ class Family:
     flow_matching = False
 
     # -- text -------------------------------------------------------------------------------
-    def encode_text(self, model: ModelInfo, encoders: dict, input_ids: dict) -> Conditioning:
+    def encoder_outputs(self, model: ModelInfo, name: str, encoder, input_ids) -> dict:
+        """The outputs of one text encoder that the family's conditioning uses."""
         raise NotImplementedError
+
+    def combine(self, model: ModelInfo, outputs: dict) -> Conditioning:
+        """Conditioning from {encoder name: encoder_outputs(...)}."""
+        raise NotImplementedError
+
+    def encode_text(self, model: ModelInfo, encoders: dict, input_ids: dict) -> Conditioning:
+        return self.combine(model, {name: self.encoder_outputs(model, name, encoders[name], input_ids[name])
+                                    for name in encoders})
 
     def cached_text_shapes(self, model: ModelInfo, batch: int) -> dict:
         """Shapes of the conditioning tensors when `--cache-text-embeddings` precomputed them."""
@@ -115,9 +124,11 @@ class StableDiffusion(Family):
 
     name = "sd1"
 
-    def encode_text(self, model, encoders, input_ids):
-        hidden = encoders["text_encoder"](input_ids["text_encoder"], return_dict=False)[0]
-        return Conditioning({"encoder_hidden_states": hidden})
+    def encoder_outputs(self, model, name, encoder, input_ids):
+        return {"hidden": encoder(input_ids, return_dict=False)[0]}
+
+    def combine(self, model, outputs):
+        return Conditioning({"encoder_hidden_states": outputs["text_encoder"]["hidden"]})
 
     def cached_text_shapes(self, model, batch):
         width = _width(model, "text_encoder")
@@ -132,15 +143,15 @@ class StableDiffusionXL(Family):
 
     name = "sdxl"
 
-    def encode_text(self, model, encoders, input_ids):
-        embeds = []
-        pooled = None
-        for name in ("text_encoder", "text_encoder_2"):
-            out = encoders[name](input_ids[name], output_hidden_states=True, return_dict=False)
-            pooled = out[0]
-            embeds.append(out[-1][-2])
-        hidden = torch.cat(embeds, dim=-1)
+    def encoder_outputs(self, model, name, encoder, input_ids):
+        out = encoder(input_ids, output_hidden_states=True, return_dict=False)
+        hidden = out[-1][-2]
+        return {"hidden": hidden, "pooled": out[0]} if name == "text_encoder_2" else {"hidden": hidden}
+
+    def combine(self, model, outputs):
+        hidden = torch.cat([outputs["text_encoder"]["hidden"], outputs["text_encoder_2"]["hidden"]], dim=-1)
         batch = hidden.shape[0]
+        pooled = outputs["text_encoder_2"]["pooled"]
         return Conditioning({"encoder_hidden_states": hidden, "text_embeds": pooled.view(batch, -1),
                              "time_ids": _sdxl_time_ids(model, batch, hidden.device)})
 
@@ -169,17 +180,19 @@ class StableDiffusion3(Family):
     name = "sd3"
     flow_matching = True
 
-    def encode_text(self, model, encoders, input_ids):
-        clip_embeds, pooled = [], []
-        for name in ("text_encoder", "text_encoder_2"):
-            out = encoders[name](input_ids[name], output_hidden_states=True)
-            pooled.append(out[0])
-            clip_embeds.append(out.hidden_states[-2])
-        clip = torch.cat(clip_embeds, dim=-1)
-        t5 = encoders["text_encoder_3"](input_ids["text_encoder_3"])[0]
+    def encoder_outputs(self, model, name, encoder, input_ids):
+        if name == "text_encoder_3":
+            return {"hidden": encoder(input_ids)[0]}
+        out = encoder(input_ids, output_hidden_states=True)
+        return {"hidden": out.hidden_states[-2], "pooled": out[0]}
+
+    def combine(self, model, outputs):
+        clip = torch.cat([outputs["text_encoder"]["hidden"], outputs["text_encoder_2"]["hidden"]], dim=-1)
+        t5 = outputs["text_encoder_3"]["hidden"]
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        pooled = torch.cat([outputs["text_encoder"]["pooled"], outputs["text_encoder_2"]["pooled"]], dim=-1)
         return Conditioning({"encoder_hidden_states": torch.cat([clip, t5], dim=-2),
-                             "pooled_projections": torch.cat(pooled, dim=-1)})
+                             "pooled_projections": pooled})
 
     def cached_text_shapes(self, model, batch):
         lengths = model.text_lengths
@@ -205,10 +218,14 @@ class Flux(StableDiffusion3):
 
     name = "flux"
 
-    def encode_text(self, model, encoders, input_ids):
-        pooled = encoders["text_encoder"](input_ids["text_encoder"], output_hidden_states=False).pooler_output
-        t5 = encoders["text_encoder_2"](input_ids["text_encoder_2"], output_hidden_states=False)[0]
-        return Conditioning({"encoder_hidden_states": t5, "pooled_projections": pooled})
+    def encoder_outputs(self, model, name, encoder, input_ids):
+        if name == "text_encoder":
+            return {"pooled": encoder(input_ids, output_hidden_states=False).pooler_output}
+        return {"hidden": encoder(input_ids, output_hidden_states=False)[0]}
+
+    def combine(self, model, outputs):
+        return Conditioning({"encoder_hidden_states": outputs["text_encoder_2"]["hidden"],
+                             "pooled_projections": outputs["text_encoder"]["pooled"]})
 
     def cached_text_shapes(self, model, batch):
         return {"encoder_hidden_states": (batch, model.text_lengths["text_encoder_2"],

@@ -1,0 +1,144 @@
+"""PyTorch's CUDA caching allocator, replayed over an allocation timeline: reserved bytes.
+
+`torch.cuda.max_memory_reserved` is what the allocator took from the driver: segments it never
+gives back (outside `empty_cache` and out-of-memory retries), carved into blocks. The rules below
+are those of c10/cuda/CUDACachingAllocator.cpp (constants quoted in
+docs/research/cuda-overheads.md): requests round up to 512 bytes; requests of at most 1 MiB come
+from a small pool of 2 MiB segments, larger ones from a large pool whose new segments are 20 MiB
+for requests under 10 MiB and the request rounded up to 2 MiB otherwise; a free block is found
+best-fit (smallest that fits, then lowest address); a block is split when what remains is at
+least 512 bytes (small pool) or more than 1 MiB (large pool); freed blocks merge with free
+neighbours of the same segment. Defaults assumed: no expandable segments, no max_split_size,
+no garbage-collection threshold, one stream.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+from vramplan.timeline import Record
+
+MIB = 1 << 20
+K_MIN_BLOCK = 512
+K_SMALL_SIZE = MIB          # kSmallSize: largest "small" request
+K_SMALL_BUFFER = 2 * MIB    # kSmallBuffer: small-pool segment size
+K_LARGE_BUFFER = 20 * MIB   # kLargeBuffer: segment for requests in (1 MiB, 10 MiB)
+K_MIN_LARGE_ALLOC = 10 * MIB
+K_ROUND_LARGE = 2 * MIB
+
+
+def round_size(size: int) -> int:
+    if size < K_MIN_BLOCK:
+        return K_MIN_BLOCK
+    return -(-size // K_MIN_BLOCK) * K_MIN_BLOCK
+
+
+def allocation_size(size: int) -> int:
+    if size <= K_SMALL_SIZE:
+        return K_SMALL_BUFFER
+    if size < K_MIN_LARGE_ALLOC:
+        return K_LARGE_BUFFER
+    return -(-size // K_ROUND_LARGE) * K_ROUND_LARGE
+
+
+@dataclass
+class _Block:
+    addr: int
+    size: int
+    segment: int
+    small: bool
+    free: bool = True
+    prev: "_Block | None" = None
+    next: "_Block | None" = None
+
+
+class CachingAllocator:
+    def __init__(self):
+        self.pools = {True: [], False: []}   # small? -> sorted [(size, addr, id)] of free blocks
+        self.blocks: dict[int, _Block] = {}
+        self.reserved = 0
+        self.peak_reserved = 0
+        self.allocated = 0
+        self.peak_allocated = 0
+        self._next_addr = 0
+        self._segments = 0
+
+    def _insert(self, block: _Block, small: bool) -> None:
+        bisect.insort(self.pools[small], (block.size, block.addr, block))
+
+    def _remove(self, block: _Block, small: bool) -> None:
+        pool = self.pools[small]
+        i = bisect.bisect_left(pool, (block.size, block.addr))
+        while pool[i][2] is not block:
+            i += 1
+        pool.pop(i)
+
+    def malloc(self, nbytes: int) -> _Block:
+        size = round_size(nbytes)
+        small = size <= K_SMALL_SIZE
+        pool = self.pools[small]
+        i = bisect.bisect_left(pool, (size, -1))
+        if i < len(pool):
+            block = pool.pop(i)[2]
+        else:
+            seg_size = allocation_size(size)
+            self._segments += 1
+            block = _Block(self._next_addr, seg_size, self._segments, small)
+            self._next_addr += seg_size
+            self.reserved += seg_size
+            self.peak_reserved = max(self.peak_reserved, self.reserved)
+        remaining = block.size - size
+        if (small and remaining >= K_MIN_BLOCK) or (not small and remaining > K_SMALL_SIZE):
+            rest = _Block(block.addr + size, remaining, block.segment, small, True, block, block.next)
+            if block.next is not None:
+                block.next.prev = rest
+            block.next = rest
+            block.size = size
+            self._insert(rest, small)
+        block.free = False
+        self.allocated += block.size
+        self.peak_allocated = max(self.peak_allocated, self.allocated)
+        return block
+
+    def free(self, block: _Block) -> None:
+        small = block.small
+        block.free = True
+        self.allocated -= block.size
+        for neighbour in (block.prev, block.next):
+            if neighbour is not None and neighbour.free and neighbour.segment == block.segment:
+                self._remove(neighbour, small)
+                if neighbour is block.prev:
+                    neighbour.size += block.size
+                    neighbour.next = block.next
+                    if block.next is not None:
+                        block.next.prev = neighbour
+                    block = neighbour
+                else:
+                    block.size += neighbour.size
+                    block.next = neighbour.next
+                    if neighbour.next is not None:
+                        neighbour.next.prev = block
+        self._insert(block, small)
+
+
+def replay_allocator(records: list[Record]) -> CachingAllocator:
+    """Run the allocator over the records' allocations and frees in event order."""
+    events = []
+    for i, r in enumerate(records):
+        if r.nbytes <= 0:
+            continue
+        events.append((r.alloc_at, 1, i))
+        if r.free_at is not None:
+            events.append((r.free_at, 0, i))
+    events.sort()
+    alloc = CachingAllocator()
+    live: dict[int, _Block] = {}
+    for _, kind, i in events:
+        if kind == 1:
+            live[i] = alloc.malloc(records[i].nbytes)
+        else:
+            block = live.pop(i, None)
+            if block is not None:
+                alloc.free(block)
+    return alloc
