@@ -25,8 +25,12 @@ sys.path.insert(0, str(ROOT))
 from vramplan.models.catalog import MODELS, ModelInfo  # noqa: E402
 
 TRACES = ROOT / "vramplan" / "models" / "traces"
-DENOISER_VARIANTS = ("fp32", "amp-frozen", "amp-trainable", "pure")
-TEXT_VARIANTS = ("fp32", "amp-frozen", "amp-trainable", "pure", "fp32-ti", "amp-frozen-ti", "pure-ti")
+# "-keep-<targets>": the targeted layers return their input's dtype, as LoHa/LoKr layers do under
+# mixed precision (see record_model.keep_dtype).
+DENOISER_VARIANTS = ("fp32", "amp-frozen", "amp-trainable", "pure", "amp-frozen-keep-attn",
+                     "amp-frozen-keep-attn-mlp", "amp-frozen-keep-all-linear", "amp-frozen-keep-all-linear+conv")
+TEXT_VARIANTS = ("fp32", "amp-frozen", "amp-trainable", "pure", "fp32-ti", "amp-frozen-ti", "pure-ti",
+                 "amp-frozen-keep-te")
 VAE_VARIANTS = ("fp32", "pure")
 ATTENTION = ("sdpa", "eager")
 
@@ -42,7 +46,7 @@ def jobs(model: ModelInfo):
         for te in model.text_encoders:
             for variant in TEXT_VARIANTS:
                 base, ti = variant.removesuffix("-ti"), variant.endswith("-ti")
-                if ti and te.name not in model.trainable_text_encoders:
+                if (ti or "-keep-" in variant) and te.name not in model.trainable_text_encoders:
                     continue
                 yield (f"{te.name}.{variant}.{attention}",
                        lambda n=te.name, v=base, a=attention, t=ti: rm.record_text_encoder(model, n, v, a, t))

@@ -62,7 +62,7 @@ def adapted(graph: Concrete, spec: TrainingSpec, method: MethodImpl, component: 
     """`graph` with every call of `entries` replaced by its adapted template."""
     if not entries:
         return graph
-    base_variant = variant.removesuffix("-ti")
+    base_variant = variant.removesuffix("-ti").partition("-keep-")[0]
     calls = {}
     for index, call in enumerate(graph.calls):
         calls.setdefault(call[0], index)

@@ -34,6 +34,7 @@ class Concrete:
     s_free: list          # op index after which Python lets go, or None
     regions: list         # (module idx, first op, last op, [in tids], [out tids])
     calls: list           # (module path, first op, last op, [in tids], [out tids])
+    functions: list       # custom autograd.Function calls: (module idx, first, last, [in], [out])
     inputs: dict
     outputs: dict
     markers: dict
@@ -70,6 +71,7 @@ def concretize(graph: Graph, env: dict) -> Concrete:
         s_alloc=[s[1] for s in data["storages"]], s_free=[s[2] for s in data["storages"]],
         regions=[tuple(r) for r in data["regions"]],
         calls=[(modules[c[0]], c[1], c[2], c[3], c[4]) for c in data["calls"]],
+        functions=[tuple(f) for f in data.get("functions", [])],
         inputs=dict(data.get("inputs", {})), outputs=dict(data.get("outputs", {})),
         markers=dict(data.get("markers", {})))
 
@@ -89,11 +91,14 @@ def splice(host: Concrete, sites: list[Site]) -> Concrete:
     if not sites:
         return host
     by_start = {host.calls[s.call][1]: s for s in sites}
+    tids_of_storage: dict[int, list[int]] = {}
+    for tid, sid in enumerate(host.t_sid):
+        tids_of_storage.setdefault(sid, []).append(tid)
     param_tid = {name: tid for tid, name in enumerate(host.t_param) if name is not None}
     out = Concrete(opnames=list(host.opnames), modules=list(host.modules), ops=[],
                    t_sid=list(host.t_sid), t_dtype=list(host.t_dtype), t_shape=list(host.t_shape),
                    t_bytes=list(host.t_bytes), t_param=list(host.t_param), s_bytes=list(host.s_bytes),
-                   s_alloc=list(host.s_alloc), s_free=list(host.s_free), regions=[], calls=[],
+                   s_alloc=list(host.s_alloc), s_free=list(host.s_free), regions=[], calls=[], functions=[],
                    inputs=dict(host.inputs), outputs=dict(host.outputs), markers={})
     opname_idx = {n: i for i, n in enumerate(out.opnames)}
     module_idx = {n: i for i, n in enumerate(out.modules)}
@@ -101,6 +106,7 @@ def splice(host: Concrete, sites: list[Site]) -> Concrete:
     replace: dict[int, int] = {}            # host tid -> tid that stands for it from now on
     pending_free: list = []                 # (new storage, host storage whose free it inherits)
     pending_cache: list = []                # new storages freed at the host's autocast exit
+    cast_cache: dict = {}                   # adapter weight name -> tid of its autocast cast
     i = 0
     n = len(host.ops)
     while i < n:
@@ -140,12 +146,14 @@ def splice(host: Concrete, sites: list[Site]) -> Concrete:
                 free = t.s_free[sid]
                 out.s_free.append(None)
                 if alloc != -1:
-                    if free is not None and free < autocast_exit:
-                        out.s_free[smap[sid]] = start_new + free
-                    elif free is not None and free == autocast_exit and free < t_end:
-                        pending_cache.append(smap[sid])
-                    else:
+                    if sid == t.t_sid[t.outputs["y"]]:
                         pending_free.append((smap[sid], host.t_sid[out_tids[0]]))
+                    elif free is not None and free <= t_end:
+                        out.s_free[smap[sid]] = start_new + free
+                    else:
+                        # still held when the template's autocast region closed: autocast's
+                        # cache of a weight cast, which lives until the host's region closes
+                        pending_cache.append(smap[sid])
             out.t_sid.append(smap[sid])
             out.t_dtype.append(t.t_dtype[tid])
             out.t_shape.append(t.t_shape[tid])
@@ -156,6 +164,14 @@ def splice(host: Concrete, sites: list[Site]) -> Concrete:
             return len(out.t_sid) - 1
 
         for op in t.ops:
+            name = t.opnames[op[0]]
+            if name == "_to_copy.default" and op[2] and t.t_param[op[2][0][1]] is not None:
+                source = t.t_param[op[2][0][1]]
+                shared = site.adapter_prefix + source.partition(":")[2].removeprefix("hyper.")
+                if source.startswith("adapter:") and shared in cast_cache:
+                    # autocast casts a weight once per region (its cache): later sites reuse it
+                    tmap[op[3][0]] = cast_cache[shared]
+                    continue
             ins = []
             for arg, tid in op[2]:
                 if tid not in tmap:
@@ -166,7 +182,10 @@ def splice(host: Concrete, sites: list[Site]) -> Concrete:
                 if tid not in tmap:
                     tmap[tid] = new_tid(tid)
                 outs.append(tmap[tid])
-            name = t.opnames[op[0]]
+            if name == "_to_copy.default" and op[2] and t.t_param[op[2][0][1]] is not None:
+                source = t.t_param[op[2][0][1]]
+                if source.startswith("adapter:"):
+                    cast_cache[site.adapter_prefix + source.partition(":")[2].removeprefix("hyper.")] = outs[0]
             if name not in opname_idx:
                 opname_idx[name] = len(out.opnames)
                 out.opnames.append(name)
@@ -175,6 +194,9 @@ def splice(host: Concrete, sites: list[Site]) -> Concrete:
                 module_idx[mod] = len(out.modules)
                 out.modules.append(mod)
             out.ops.append((opname_idx[name], module_idx[mod], ins, outs))
+        for f in t.functions:
+            out.functions.append((f[0], start_new + f[1], start_new + f[2], [tmap[x] for x in f[3]],
+                                  [tmap[x] for x in f[4]]))
         y = tmap[t.outputs["y"]]
         # the host ops of this call, and what they allocated, are gone
         for k in range(first, last + 1):
@@ -186,6 +208,9 @@ def splice(host: Concrete, sites: list[Site]) -> Concrete:
         replace[out_tids[0]] = y
         for host_out in out_tids[1:]:
             replace[host_out] = y
+        # host tensors that view the call's output (reshapes after it) now view the template's
+        for tid in tids_of_storage.get(host.t_sid[out_tids[0]], ()):
+            out.t_sid[tid] = out.t_sid[y]
         i = last + 1
     # frees and markers in new op indices
     for sid in range(len(host.s_free)):
@@ -203,6 +228,8 @@ def splice(host: Concrete, sites: list[Site]) -> Concrete:
                     new_index[r[2]], [replace.get(t, t) for t in r[3]], [replace.get(t, t) for t in r[4]])
                    for r in host.regions]
     out.calls = [(c[0], new_index[c[1]], new_index[c[2]], c[3], c[4]) for c in host.calls]
+    out.functions += [(f[0], new_index[f[1]], new_index[f[2]], [replace.get(t, t) for t in f[3]],
+                       [replace.get(t, t) for t in f[4]]) for f in host.functions]
     out.inputs = {k: replace.get(v, v) for k, v in host.inputs.items()}
     out.outputs = {k: replace.get(v, v) for k, v in host.outputs.items()}
     return out

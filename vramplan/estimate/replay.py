@@ -99,6 +99,12 @@ class Replayer:
                 self.region_of[i] = r
             self.region_end[r[2]] = r
             self.region_start[r[1]] = r
+        self.function_of = {}
+        self.function_end = {}
+        for f in graph.functions:
+            for i in range(f[1], f[2] + 1):
+                self.function_of[i] = f
+            self.function_end[f[2]] = f
         n = len(self.t_sid)
         self.rg = [False] * n
         for tid, name in enumerate(self.t_param):
@@ -169,9 +175,17 @@ class Replayer:
         for arg, tid in op[2]:
             args.setdefault(arg, tid)
         any_rg = rule.differentiable and any(rg[t] for _, t in op[2] if self.t_dtype[t] in FLOATING)
+        function = self.function_of.get(i)
+        if function is not None:
+            # inside a custom autograd.Function: no autograd inside; its outputs depend on its inputs
+            outs = set(function[4])
+            inputs_rg = any(rg[t] for t in function[3] if self.t_dtype[t] in FLOATING)
+            any_rg = False
         cast_of_param = name == "_to_copy.default" and any(self.t_param[t] for _, t in op[2])
         for tid in op[3]:
             rg[tid] = any_rg and self.t_dtype[tid] in FLOATING
+            if function is not None and tid in outs:
+                rg[tid] = inputs_rg and self.t_dtype[tid] in FLOATING
             sid = self.t_sid[tid]
             if g.s_alloc[sid] == i and sid not in self.live:
                 category = Category.AUTOCAST_CACHE if cast_of_param else Category.TEMPORARIES
@@ -180,6 +194,16 @@ class Replayer:
                 self.python_alive[sid] = True
                 if fresh is not None:
                     fresh[sid] = rec
+        if function is not None and i == function[2] and inputs_rg and not in_region:
+            # the Function's ctx.save_for_backward: its inputs (peft's HadaWeight keeps the factors)
+            sids = []
+            for tid in function[3]:
+                sid = self.t_sid[tid]
+                if sid not in self.param_sids and sid not in sids:
+                    sids.append(sid)
+                    self._hold(sid)
+            self.saved_by_op[i] = sids
+            return
         if not any_rg or in_region:
             return
         kept = []
@@ -273,8 +297,38 @@ class Replayer:
                 drop(rec)
         return self.result
 
+    def _backward_function(self, function, outs, grads, refs, give, drop, new_grad, input_roles) -> None:
+        """A custom Function's backward recomputes its inner products (transient), then returns a
+        gradient per input that requires one."""
+        g = self.g
+        module = g.modules[function[0]] if isinstance(function[0], int) and function[0] < len(g.modules) else ""
+        temps = []
+        for i in range(function[1], function[2] + 1):
+            for tid in g.ops[i][3]:
+                sid = self.t_sid[tid]
+                if g.s_alloc[sid] == i:
+                    temps.append(new_grad(self.storage_bytes[sid], "function_backward", module))
+        seen = set()
+        for tid in function[3]:
+            if tid in seen or not self.rg[tid] or self.t_dtype[tid] not in FLOATING:
+                continue
+            seen.add(tid)
+            grad = new_grad(self.t_bytes[tid], "function_backward", module)
+            param = self.t_param[tid]
+            if param is not None and tid not in input_roles:
+                self._accumulate(param, grad, refs, False, "function_backward", module)
+            else:
+                give(tid, grad)
+        for rec in temps:
+            self.clock.free(rec)
+        for t in outs:
+            drop(grads.pop(t))
+
     def _backward_op(self, i, op, outs, grads, refs, give, drop, new_grad, input_roles) -> None:
         g = self.g
+        function = self.function_end.get(i)
+        if function is not None:
+            return self._backward_function(function, outs, grads, refs, give, drop, new_grad, input_roles)
         name = g.opname(op)
         rule = rule_for(name) or CONSERVATIVE
         module = g.module(op)

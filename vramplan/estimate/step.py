@@ -118,19 +118,21 @@ def _one_step(spec, inventories, trained, resident, clock: Clock, prefix: str, o
         variant = graph_variant(spec, method_trains_te)
         if spec.method.value == "textual-inversion":
             variant += "-ti"
-        names = {t.name for t in trained[name]}
+        elif method.output_keeps_input_dtype and variant == "amp-frozen":
+            variant += "-keep-te"
         graph = adapted(concretize(graph_for(spec, name, variant), env), spec, method, name,
                         method.wrapped_modules(spec, name, inventories), variant)
         rep = Replayer(graph,
-                       ReplayOptions(trainable=_param_filter(name, names, method_trains_te),
+                       ReplayOptions(trainable=method.parameter_filter(spec, name, inventories),
                                      gradient_checkpointing=False, phase_prefix=prefix), clock)
         rep.forward()
         te_replays.append(rep)
-    names = {t.name for t in trained.get(denoiser, [])}
     variant = graph_variant(spec, spec.method.trains_denoiser)
+    if method.output_keeps_input_dtype and variant == "amp-frozen":
+        variant += f"-keep-{spec.lora_targets.value}"
     graph = adapted(concretize(graph_for(spec, denoiser, variant), env), spec, method, denoiser,
                     method.wrapped_modules(spec, denoiser, inventories), variant)
-    rep = Replayer(graph, ReplayOptions(trainable=_param_filter(denoiser, names, spec.method.trains_denoiser),
+    rep = Replayer(graph, ReplayOptions(trainable=method.parameter_filter(spec, denoiser, inventories),
                                  inputs_require_grad=frozenset(_denoiser_rg_inputs(spec, trained_tes)),
                                  gradient_checkpointing=spec.gradient_checkpointing,
                                  phase_prefix=prefix), clock)
@@ -161,13 +163,6 @@ def _denoiser_rg_inputs(spec: TrainingSpec, trained_tes: list) -> set:
     if not trained_tes:
         return set()
     return {"encoder_hidden_states", "text_embeds", "pooled_projections"}
-
-
-def _param_filter(component: str, trained_names: set, whole: bool):
-    prefix = component + "."
-    if whole:
-        return lambda name: name.startswith(prefix)
-    return lambda name: name.startswith(prefix) and name[len(prefix):] in trained_names
 
 
 def _inference(graph, env, clock: Clock, phase: str, out: StepTimeline) -> None:

@@ -51,6 +51,10 @@ class MethodImpl(ABC):
 
     method: ClassVar[Method]
 
+    # peft's LyCORIS layers (LoHa, LoKr) return `result.to(previous_dtype)`, the input's dtype;
+    # LoRA returns the base layer's. Under autocast that changes what follows the layer.
+    output_keeps_input_dtype: ClassVar[bool] = False
+
     @abstractmethod
     def trainable_tensors(self, spec: TrainingSpec, inventories: Inventories) -> dict[str, list[TrainableTensor]]:
         """Component name -> the tensors this method trains in it (components it leaves frozen are
@@ -65,6 +69,19 @@ class MethodImpl(ABC):
         """Bytes of the file the trained weights are saved as; None when the method saves whole
         models rather than an adapter."""
         return None
+
+    def apply(self, spec: TrainingSpec, models: dict, inventories: Inventories) -> None:
+        """Torch side: make `models` (component name -> nn.Module, on any device, meta included)
+        train what this method trains: set requires_grad, inject adapter layers. Called once by
+        the step builder (vramplan/step/build.py) before dtypes are set."""
+        raise NotImplementedError
+
+    def parameter_filter(self, spec: TrainingSpec, component: str, inventories: Inventories):
+        """Predicate over full parameter names ("unet.<module>.<param>") in the recorded graphs:
+        does this method train it? By default: the names `trainable_tensors` gives."""
+        prefix = component + "."
+        names = {t.name for t in self.trainable_tensors(spec, inventories).get(component, [])}
+        return lambda name: name.startswith(prefix) and name[len(prefix):] in names
 
     def wrapped_modules(self, spec: TrainingSpec, component: str,
                         inventories: Inventories) -> list[ModuleEntry]:
@@ -88,6 +105,19 @@ class AdapterMethod(MethodImpl):
 
     def text_encoder_targets(self, spec: TrainingSpec, inventory: Inventory) -> list[ModuleEntry]:
         return text_encoder_targets(inventory)
+
+    def apply(self, spec, models, inventories):
+        from peft import inject_adapter_in_model
+
+        for component, module in models.items():
+            module.requires_grad_(False)
+            names = [m.name for m in self.wrapped_modules(spec, component, inventories)]
+            if names:
+                inject_adapter_in_model(self.peft_config(spec, names), module)
+                self._after_inject(module)
+
+    def _after_inject(self, module) -> None:
+        """Hook for peft layers that need a mode set (LoHa/LoKr)."""
 
     def wrapped_modules(self, spec, component, inventories):
         name, denoiser = denoiser_inventory(spec, inventories)
@@ -215,3 +245,9 @@ def _json_str(text: str) -> str:
     # serde_json and Python's json escape the same characters (quote, backslash, control codes)
     # and pass other non-ASCII through as UTF-8 when ensure_ascii is off.
     return json.dumps(text, ensure_ascii=False)
+
+
+# ---- torch side: applying a method to real (or meta) models for the training step --------------
+
+def freeze(module) -> None:
+    module.requires_grad_(False)

@@ -18,4 +18,14 @@ class Full(MethodImpl):
                 for component in (name, *trained_text_encoders(spec))}
 
 
+    def parameter_filter(self, spec, component, inventories):
+        whole = component in self.trainable_tensors(spec, inventories)
+        return lambda name: whole and name.startswith(component + ".")
+
+    def apply(self, spec, models, inventories):
+        trained = set(self.trainable_tensors(spec, inventories))
+        for component, module in models.items():
+            module.requires_grad_(component in trained)
+
+
 register_method(Method.FULL, Full)

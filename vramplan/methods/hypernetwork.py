@@ -80,4 +80,29 @@ class Hypernetwork(MethodImpl):
                                        for t in ts], dtype)
 
 
+    def apply(self, spec, models, inventories):
+        from vramplan.step.modules import HyperLinear, HypernetworkMLP, replace_module
+
+        name, _ = denoiser_inventory(spec, inventories)
+        for module in models.values():
+            module.requires_grad_(False)
+        denoiser = models[name]
+        layers = spec.hypernetwork_layers or DEFAULT_LAYERS
+        mlps = {}
+        for entry in self.wrapped_modules(spec, name, inventories):
+            base = denoiser.get_submodule(entry.name)
+            key = (entry.in_features, entry.name.endswith("to_k"))
+            if key not in mlps:
+                mlps[key] = HypernetworkMLP(entry.in_features, layers, device=base.weight.device)
+            replace_module(denoiser, entry.name, HyperLinear(base, mlps[key]))
+        # registered on the denoiser so that .to() and parameters() see each MLP once
+        denoiser.hypernetwork = torch_module_dict({f"{w}_{'k' if k else 'v'}": m for (w, k), m in mlps.items()})
+
+
+def torch_module_dict(modules: dict):
+    from torch import nn
+
+    return nn.ModuleDict(modules)
+
+
 register_method(Method.HYPERNETWORK, Hypernetwork)

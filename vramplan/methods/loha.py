@@ -60,4 +60,17 @@ class LoHa(AdapterMethod):
                           use_effective_conv2d=self.use_effective_conv2d, target_modules=list(target_modules))
 
 
+    output_keeps_input_dtype = True
+
+    def _after_inject(self, module):
+        # peft's LyCORIS layers draw `torch.rand(1) > module_dropout` in training mode, which fake
+        # tensors cannot evaluate; in eval mode they skip the draw, identical when the module and
+        # rank dropouts are 0 (ours are). Every tier runs them this way (NOTES.md).
+        from peft.tuners.lycoris_utils import LycorisLayer
+
+        for layer in module.modules():
+            if isinstance(layer, LycorisLayer):
+                layer.eval()
+
+
 register_method(Method.LOHA, LoHa)

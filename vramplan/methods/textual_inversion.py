@@ -49,4 +49,22 @@ class TextualInversion(MethodImpl):
                    for tensors in self.trainable_tensors(spec, inventories).values())
 
 
+    def parameter_filter(self, spec, component, inventories):
+        # the new rows live in EmbeddingWithNewTokens.new_rows (vramplan/step/modules.py)
+        trained = component in self.trainable_tensors(spec, inventories)
+        return lambda name: trained and name.startswith(component + ".") and name.endswith(".new_rows")
+
+    def apply(self, spec, models, inventories):
+        from vramplan.step.modules import EmbeddingWithNewTokens, replace_module, token_embedding_path
+
+        trained = set(self.trainable_tensors(spec, inventories))
+        for component, module in models.items():
+            module.requires_grad_(False)
+            if component in trained:
+                path = token_embedding_path(module)
+                embedding = EmbeddingWithNewTokens(module.get_submodule(path), spec.num_vectors)
+                embedding.new_rows.requires_grad_(True)
+                replace_module(module, path, embedding)
+
+
 register_method(Method.TEXTUAL_INVERSION, TextualInversion)

@@ -36,6 +36,7 @@ class Graph:
     ops: list = field(default_factory=list)         # [opname idx, module idx, [[arg, tid]...], [tid...], [scalar args]]
     calls: list = field(default_factory=list)       # [module idx, first op, last op, [in tids], [out tids]]
     regions: list = field(default_factory=list)     # gradient-checkpointed calls, same layout
+    functions: list = field(default_factory=list)   # custom autograd.Function calls, same layout
     inputs: dict = field(default_factory=dict)      # role -> tid (latents, timesteps, context...)
     outputs: dict = field(default_factory=dict)
     markers: dict = field(default_factory=dict)     # e.g. autocast_exit -> op index
@@ -61,6 +62,7 @@ class GraphRecorder(TorchDispatchMode):
         self.module_stack: list[int] = []
         self.module_names: dict[int, str] = {}  # id(module) -> path
         self._open_calls: list = []
+        self.after_last_op = False
 
     # -- interning -------------------------------------------------------------------------------
     def expr(self, value) -> int:
@@ -111,7 +113,8 @@ class GraphRecorder(TorchDispatchMode):
 
     def _freed(self, sid: int) -> None:
         if self.graph.storages[sid][2] is None:
-            self.graph.storages[sid][2] = len(self.graph.ops) - 1
+            # after_last_op: frees from now on are told apart from those before (templates)
+            self.graph.storages[sid][2] = len(self.graph.ops) - 1 + (1 if self.after_last_op else 0)
 
     def register_params(self, root: torch.nn.Module, prefix: str = "") -> None:
         for name, param in root.named_parameters(remove_duplicate=False):
@@ -206,6 +209,30 @@ class GraphRecorder(TorchDispatchMode):
                                        self._tensor_ids(out)])
             return out
         return run
+
+    @contextlib.contextmanager
+    def autograd_functions(self):
+        """Record where custom `torch.autograd.Function`s run (peft's LoHa `HadaWeight`...):
+        their inner ops run without autograd; the function is one node that keeps its inputs."""
+        function_cls = torch.autograd.Function
+        original = function_cls.__dict__["apply"]
+        recorder = self
+
+        @classmethod
+        def apply(cls, *args, **kwargs):
+            start = len(recorder.graph.ops)
+            in_tids = recorder._tensor_ids(args)
+            out = original.__func__(cls, *args, **kwargs)
+            recorder.graph.functions.append([recorder.module_stack[-1] if recorder.module_stack else 0,
+                                             start, len(recorder.graph.ops) - 1, in_tids,
+                                             recorder._tensor_ids(out)])
+            return out
+
+        function_cls.apply = apply
+        try:
+            yield
+        finally:
+            function_cls.apply = original
 
     def mark(self, name: str) -> None:
         self.graph.markers[name] = len(self.graph.ops) - 1

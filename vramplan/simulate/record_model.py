@@ -43,7 +43,31 @@ def _symbolic(mode: FakeTensorMode, shape, dynamic: list[bool], dtype) -> torch.
                             symbolic_context=ctx)
 
 
+def keep_dtype(module: torch.nn.Module, names: list[str]) -> None:
+    """Make the named Linear/Conv2d modules return their input's dtype, as peft's LyCORIS layers
+    (LoHa, LoKr) do (`result.to(previous_dtype)`), so that what follows them is recorded with
+    the dtypes it has under those methods; the method's template later replaces these calls."""
+    for name in names:
+        sub = module.get_submodule(name)
+        base = type(sub)
+        sub.__class__ = type(f"KeepDtype{base.__name__}", (base,),
+                             {"forward": lambda self, x, _f=base.forward: _f(self, x).to(x.dtype)})
+
+
+def keep_targets(model: ModelInfo, component: str, targets: str) -> list[str]:
+    from vramplan.methods.targets import denoiser_targets, text_encoder_targets
+    from vramplan.models.inventory import load_inventory
+    from vramplan.spec import build_spec
+
+    inventory = load_inventory(model.key, component)
+    if component == model.denoiser.name:
+        spec = build_spec({"model": model.key, "method": "loha", "lora_targets": targets})
+        return [m.name for m in denoiser_targets(spec, inventory)]
+    return [m.name for m in text_encoder_targets(inventory)]
+
+
 def record_denoiser(model: ModelInfo, variant: str, attention: str = "sdpa") -> Graph:
+    variant, _, keep = variant.partition("-keep-")
     precision, trainable = VARIANTS[variant]
     policy = DtypePolicy(precision)
     family = family_of(model)
@@ -52,6 +76,8 @@ def record_denoiser(model: ModelInfo, variant: str, attention: str = "sdpa") -> 
     set_attention(denoiser, attention)
     denoiser.requires_grad_(trainable)
     denoiser.train()
+    if keep:
+        keep_dtype(denoiser, keep_targets(model, comp.name, keep))
 
     env = ShapeEnv()
     mode = FakeTensorMode(shape_env=env, static_shapes=False)
@@ -80,6 +106,7 @@ def record_denoiser(model: ModelInfo, variant: str, attention: str = "sdpa") -> 
             stack.enter_context(symbolic_interpolate())
             stack.enter_context(recorder)
             stack.enter_context(recorder.module_hooks())
+            stack.enter_context(recorder.autograd_functions())
             stack.enter_context(no_saved_tensors())
             noise = Shapes.randn_like(latents)
             noisy, timesteps, target = family.noise(model, latents, noise, rng=Shapes)
@@ -95,7 +122,7 @@ def record_denoiser(model: ModelInfo, variant: str, attention: str = "sdpa") -> 
             recorder.mark("end")
     graph = recorder.graph
     graph.guards = [str(g.expr.xreplace(recorder.symbols)) for g in env.guards]
-    graph.meta = {"model": model.key, "component": comp.name, "variant": variant,
+    graph.meta = {"model": model.key, "component": comp.name, "variant": variant + (f"-keep-{keep}" if keep else ""),
                   "attention": attention, "symbols": {"B": "batch (images per step)",
                                                       "H": "latent height", "W": "latent width"},
                   "hints": HINTS, "torch": torch.__version__, "seconds": round(time.time() - started, 2)}
@@ -180,6 +207,7 @@ def _recording(recorder, policy_autocast: bool):
     stack.enter_context(_shape_only_sampling())
     stack.enter_context(recorder)
     stack.enter_context(recorder.module_hooks())
+    stack.enter_context(recorder.autograd_functions())
     stack.enter_context(no_saved_tensors())
     return stack
 
@@ -207,6 +235,7 @@ def record_text_encoder(model: ModelInfo, name: str, variant: str, attention: st
     """One text encoder's forward as the family calls it; outputs are what conditioning uses."""
     from vramplan.step.modules import EmbeddingWithNewTokens, replace_module, token_embedding_path
 
+    variant, _, keep = variant.partition("-keep-")
     precision, trainable = VARIANTS[variant]
     policy = DtypePolicy(precision)
     family = family_of(model)
@@ -214,6 +243,8 @@ def record_text_encoder(model: ModelInfo, name: str, variant: str, attention: st
     encoder = build_component(model, comp, "meta", attention=attention)
     encoder.requires_grad_(trainable)
     encoder.train(trainable)
+    if keep:
+        keep_dtype(encoder, keep_targets(model, name, keep))
     path = None
     if textual_inversion:
         path = token_embedding_path(encoder)
@@ -245,7 +276,8 @@ def record_text_encoder(model: ModelInfo, name: str, variant: str, attention: st
                 recorder.graph.outputs[role] = recorder.tid(tensor)
             del outputs
             recorder.mark("end")
-    return _finish(recorder, env, model, name, variant + ("-ti" if textual_inversion else ""), attention,
+    return _finish(recorder, env, model, name, variant + ("-ti" if textual_inversion else "")
+                   + (f"-keep-{keep}" if keep else ""), attention,
                    started, {"B": "batch (images per step)"})
 
 

@@ -149,10 +149,12 @@ def record_template(method: str, kind: str, bias: bool, variant: str, x_dtype: s
             stack.enter_context(symbolic_interpolate())
             stack.enter_context(recorder)
             stack.enter_context(recorder.module_hooks())
+            stack.enter_context(recorder.autograd_functions())
             stack.enter_context(no_saved_tensors())
             region = autocast_region(policy.low) if policy.autocast else contextlib.nullcontext()
             with region:
                 y = holder.target(x)
+                recorder.after_last_op = True   # what dies from here on dies with the autocast cache
             recorder.mark("autocast_exit")
             recorder.graph.outputs["y"] = recorder.tid(y)
             del y

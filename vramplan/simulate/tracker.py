@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_flatten
 from vramplan.footprint import Category
 
 CUDA_BLOCK = 512
+WEIGHTS = (Category.FROZEN_WEIGHTS, Category.TRAINABLE_WEIGHTS)
 
 
 def cuda_rounded(nbytes: int) -> int:
@@ -133,11 +134,45 @@ class MemoryTracker(TorchDispatchMode):
     # -- dispatch ----------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        name = func.__name__ if hasattr(func, "__name__") else str(func)
+        name = str(func.overloadpacket.__name__) if hasattr(func, "overloadpacket") else str(func)
+        category = None
+        if name == "_to_copy" and args and isinstance(args[0], torch.Tensor):
+            # autocast's cached low-precision copy of a weight
+            sid = self._sid_of(args[0])
+            if sid is not None and self.records[sid].category in WEIGHTS:
+                category = Category.AUTOCAST_CACHE
         for value in tree_flatten(out)[0]:
             if isinstance(value, torch.Tensor):
-                self.track(value, op=str(func.overloadpacket.__name__) if hasattr(func, "overloadpacket") else name)
+                self.track(value, category, op=name)
         return out
+
+    # -- module attribution ----------------------------------------------------------------
+    def module_hooks(self, roots: dict):
+        """Name the module running each allocation (for the top-layers report)."""
+        import contextlib
+
+        names = {id(m): f"{prefix}.{n}" if n else prefix
+                 for prefix, root in roots.items() for n, m in root.named_modules()}
+
+        @contextlib.contextmanager
+        def hooks():
+            def pre(module, args):
+                name = names.get(id(module))
+                if name is not None:
+                    self.module_stack.append(name)
+
+            def post(module, args, output):
+                if names.get(id(module)) is not None and self.module_stack:
+                    self.module_stack.pop()
+
+            h1 = torch.nn.modules.module.register_module_forward_pre_hook(pre)
+            h2 = torch.nn.modules.module.register_module_forward_hook(post)
+            try:
+                yield
+            finally:
+                h1.remove()
+                h2.remove()
+        return hooks()
 
     # -- results -----------------------------------------------------------------------------
     def live_at(self, event: int) -> list[StorageRecord]:
