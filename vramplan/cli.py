@@ -469,6 +469,108 @@ def compare_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- simulate ------------------------------------------------------------------------------------
+
+def _simulate_arguments(parser: argparse.ArgumentParser) -> None:
+    add_spec_flags(parser)
+    _output_flags(parser)
+    group = parser.add_argument_group("simulation")
+    group.add_argument("--timeline", metavar="PATH", type=Path,
+                       help="also draw the live bytes over the two steps, stacked by category, "
+                            "phases shaded, to PATH, a .png or .svg file")
+    group.add_argument("--compare-estimate", action="store_true",
+                       help="also run the analytic estimate and show it beside the simulation, "
+                            "per category and per total, with the relative error")
+
+
+def _check_timeline_path(path: Path | None) -> None:
+    if path is not None and path.suffix.lower() not in (".png", ".svg"):
+        raise UsageError(f"--timeline: {str(path)!r} must end in .png or .svg")
+
+
+def _simulate_showing_progress(spec: TrainingSpec, show: bool):
+    """Run the simulation; with `show`, each stage it reports is a line on stderr with a spinner
+    while it runs, then a tick and how long it took. torch is imported here, never before."""
+    if not show:
+        from vramplan.simulate.run import simulate
+
+        return simulate(spec)
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    columns = (SpinnerColumn(finished_text="[green]✓[/]"), TextColumn("{task.description}"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True)) as progress:
+        stage = None
+
+        def report(message: str) -> None:
+            nonlocal stage
+            if stage is not None:
+                progress.update(stage, total=1, completed=1)
+            stage = progress.add_task(message, total=None)
+
+        report("importing torch, diffusers and peft")
+        from vramplan.simulate.run import simulate
+
+        simulation = simulate(spec, progress=report)
+        progress.update(stage, total=1, completed=1)
+    return simulation
+
+
+@command("simulate", "trace the real training step on fake tensors: measured, still no GPU",
+         arguments=_simulate_arguments,
+         examples=(
+             "vramplan simulate --method lora --rank 32 --gpu 16GB",
+             "vramplan simulate --model sdxl --method lora --gradient-checkpointing --json",
+             "vramplan simulate --method full --precision fp16 --timeline timeline.png",
+             "vramplan simulate --method lora --rank 128 --compare-estimate",
+         ))
+def simulate_command(args: argparse.Namespace) -> int:
+    """Build the spec's real training step (the diffusers model, the peft adapter, the loss,
+    backward and the optimizer) on fake tensors, which allocate nothing, run it twice and
+    measure every tensor: the same categories and totals as estimate, plus the peak of each
+    phase and the layers that save the most for backward. Needs torch; takes seconds."""
+    _check_chart_path(args.chart)
+    _check_timeline_path(args.timeline)
+    plan = read_plan(args.plan) if args.plan is not None else None
+    spec = resolve_spec(given_options(args), plan, args.plan)
+
+    simulation = _simulate_showing_progress(spec, show=not args.json)
+    estimate = None
+    if args.compare_estimate:
+        from vramplan.estimate import estimate as run_estimate
+
+        estimate = run_estimate(spec)
+
+    from vramplan.render.simulation import as_estimate
+
+    written = []
+    if args.timeline is not None:
+        from vramplan.render.timeline_chart import write_timeline_chart
+
+        written.append(f"timeline written to {write_timeline_chart(simulation, args.timeline)}")
+    if args.chart is not None:
+        from vramplan.render import write_grid_chart
+
+        written.append(f"chart written to {write_grid_chart(as_estimate(simulation), args.chart)}")
+    if args.json:
+        from vramplan.render.simulation import comparison_json, phase_peaks_json
+
+        data = simulation.to_json()
+        data.setdefault("phase_peaks", phase_peaks_json(simulation))
+        if estimate is not None:
+            data["compare_estimate"] = comparison_json(estimate, simulation)
+        _print_json(data)
+    else:
+        from rich.console import Console
+
+        from vramplan.render.simulation import render_simulation
+
+        render_simulation(simulation, Console(), estimate)
+    _say_written(args, written)
+    return 0
+
+
 # -- the catalogs --------------------------------------------------------------------------------
 
 def _json_only(parser: argparse.ArgumentParser) -> None:
