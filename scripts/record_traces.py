@@ -28,7 +28,8 @@ TRACES = ROOT / "vramplan" / "models" / "traces"
 # "-keep-<targets>": the targeted layers return their input's dtype, as LoHa/LoKr layers do under
 # mixed precision (see record_model.keep_dtype).
 DENOISER_VARIANTS = ("fp32", "amp-frozen", "amp-trainable", "pure", "amp-frozen-keep-attn",
-                     "amp-frozen-keep-attn-mlp", "amp-frozen-keep-all-linear", "amp-frozen-keep-all-linear+conv")
+                     "amp-frozen-keep-attn-mlp", "amp-frozen-keep-all-linear", "amp-frozen-keep-all-linear+conv",
+                     "amp-frozen-int8", "amp-frozen-nf4", "pure-int8", "pure-nf4")
 TEXT_VARIANTS = ("fp32", "amp-frozen", "amp-trainable", "pure", "fp32-ti", "amp-frozen-ti", "pure-ti",
                  "amp-frozen-keep-te")
 VAE_VARIANTS = ("fp32", "pure")
@@ -55,7 +56,9 @@ def jobs(model: ModelInfo):
 
 
 TEMPLATE_METHODS = ("lora", "loha", "lokr", "hypernetwork")
-TEMPLATE_VARIANTS = {"fp32": ("float32",), "amp-frozen": ("float32", "float16"), "pure": ("float16",)}
+TEMPLATE_VARIANTS = {"fp32": ("float32",), "amp-frozen": ("float32", "float16"), "pure": ("float16",),
+                     "amp-frozen-int8": ("float32", "float16"), "amp-frozen-nf4": ("float32", "float16"),
+                     "pure-int8": ("float16",), "pure-nf4": ("float16",)}
 
 
 def template_jobs():
@@ -74,6 +77,8 @@ def template_jobs():
             if method == "hypernetwork" and kind != "linear3":
                 continue
             for variant, x_dtypes in TEMPLATE_VARIANTS.items():
+                if ("int8" in variant or "nf4" in variant) and (method != "lora" or not kind.startswith("linear")):
+                    continue  # --base-quant: LoRA only (spec.py); bitsandbytes quantizes Linear layers
                 for x_dtype in x_dtypes:
                     for regime in (("w2", "w2ab") if method == "lokr" else ("",)):
                         yield method, kind, bias, variant, x_dtype, regime

@@ -32,10 +32,6 @@ def test_zero_is_refused(text):
         parse_bytes(text)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "units.parse_bytes checks `value <= 0` before `int(round(value))`, so a positive size below "
-    "half a byte ('0.4', '0.4B') passes the check and comes back as 0 bytes (`--gpu 0.4` is then "
-    "a 0-byte card)"))
 def test_a_size_that_rounds_to_zero_bytes_is_refused():
     with pytest.raises(UsageError):
         parse_bytes("0.4")

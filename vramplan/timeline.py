@@ -46,17 +46,23 @@ def analyse(records: list[Record], phases: list[tuple[str, int]], constant: dict
             deltas[r.free_at] = deltas.get(r.free_at, 0) - r.nbytes
     live, peak, peak_event = base, base, 0
     bounds = sorted(phases, key=lambda p: p[1])
-    phase_best: dict[str, tuple[int, int]] = {name: (base, start) for name, start in bounds}
-    pi = 0
+    phase_best: dict[str, tuple[int, int]] = {}
+    pi = -1
     for event in sorted(deltas):
-        live += deltas[event]
+        # entering a phase: what is live when it starts counts for it
         while pi + 1 < len(bounds) and bounds[pi + 1][1] <= event:
             pi += 1
-        name = bounds[pi][0] if bounds else ""
+            name = bounds[pi][0]
+            if live > phase_best.get(name, (-1, 0))[0]:
+                phase_best[name] = (live, max(bounds[pi][1] - 1, 0))
+        live += deltas[event]
+        name = bounds[pi][0] if pi >= 0 else ""
         if live > phase_best.get(name, (-1, 0))[0]:
             phase_best[name] = (live, event)
         if live > peak:
             peak, peak_event = live, event
+    for name, start in bounds[pi + 1:]:
+        phase_best.setdefault(name, (live, start))
     peak_phase = ""
     for name, start in bounds:
         if start <= peak_event:

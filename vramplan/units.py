@@ -28,10 +28,10 @@ def parse_bytes(text: str) -> int:
     match = _SIZE.match(str(text))
     if not match or match.group(2).lower() not in _SUFFIXES:
         raise UsageError(f"cannot read {text!r} as a memory size (write e.g. 16GB, 16GiB or 24G)")
-    value = float(match.group(1)) * _SUFFIXES[match.group(2).lower()]
+    value = int(round(float(match.group(1)) * _SUFFIXES[match.group(2).lower()]))
     if value <= 0:
-        raise UsageError(f"memory size {text!r} must be positive")
-    return int(round(value))
+        raise UsageError(f"memory size {text!r} must be positive (at least one byte)")
+    return value
 
 
 def unit_of(text: str) -> str:

@@ -55,11 +55,6 @@ def test_gradient_accumulation_does_not_change_memory(h):
     assert h.estimate(gradient_accumulation_steps=4).footprint == h.estimate().footprint
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "estimate/step.py _one_step allocates the pixel batch (`pixels = clock.alloc(...)`) and then "
-    "_inference() replays the VAE graph without handing it that record, so Replayer.forward() "
-    "allocates the graph input 'sample' a second time: the batch is counted twice in 'encode' "
-    "(simulate measures it once: 3,146,752 B of inputs = pixels + input_ids)"))
 @pytest.mark.parametrize("precision, itemsize", [("fp32", 4), ("fp16", 2)])
 def test_the_pixel_batch_is_allocated_once(h, precision, itemsize):
     pixels = 3 * 512 * 512 * itemsize
@@ -67,11 +62,6 @@ def test_the_pixel_batch_is_allocated_once(h, precision, itemsize):
     assert at["encode"][Category.INPUTS] < 2 * pixels
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "estimate/step.py _one_step frees the batch inputs before the optimizer phase, but the step "
-    "the other tiers run keeps `batch` alive through optimizer.step() until the next batch "
-    "replaces it (simulate: the pixel record lives from step 1's encode to step 2's encode), so "
-    "the optimizer-phase peak misses the batch"))
 def test_the_batch_lives_through_the_optimizer_step(h):
     pixels = 3 * 512 * 512 * 4
     at = phases(h.estimate(method="full", precision="fp32"))

@@ -112,11 +112,33 @@ RULES: dict[str, Rule] = {
         "randint.low", "randn.default", "randn_like.default", "rand.default", "rand_like.default",
         "size.default", "cumprod.default", "cumsum.default", "eq.Scalar", "eq.Tensor", "ne.Scalar",
         "lt.Scalar", "gt.Scalar", "argmax.default", "scalar_tensor.default", "new_zeros.default",
-        "new_ones.default", "new_empty.default", "new_full.default", "copy_.default", "fill_.Scalar", "zero_.default",
+        "new_ones.default", "new_empty.default", "new_full.default", "pow.Scalar", "reciprocal.default", "add_.Scalar",
+        "ge.Scalar", "le.Scalar", "copy_.default", "fill_.Scalar", "zero_.default",
         "bernoulli_.float", "normal_.default", "uniform_.default", "lift_fresh_copy.default",
         "_local_scalar_dense.default", "sym_size.int", "sym_numel.default", "is_nonzero.default")},
 }
 
 
+# Custom autograd Functions: which of their tensor inputs (by position) they keep for backward.
+FUNCTION_SAVES = {
+    # peft/tuners/loha/layer.py: ctx.save_for_backward(w1a, w1b, w2a, w2b, scale)
+    "HadaWeight": "all", "HadaWeightCP": "all",
+    # bitsandbytes/autograd/_functions.py MatMul8bitLt: ctx.tensors = (CAt, subA, A) -- the input
+    "MatMul8bitLt": (0,),
+    # MatMul4Bit: ctx.tensors = (None, B) -- only the (frozen) quantized weight
+    "MatMul4Bit": (1,),
+}
+
+
+def function_saves(name: str):
+    """Positions of the inputs a custom Function keeps, or "all" (also for unknown ones)."""
+    return FUNCTION_SAVES.get(name, "all")
+
+
 def rule_for(opname: str) -> Rule | None:
-    return RULES.get(opname)
+    rule = RULES.get(opname)
+    if rule is None and opname.startswith("bitsandbytes::"):
+        # bitsandbytes' kernels run inside its own autograd Functions (MatMul8bitLt,
+        # MatMul4Bit), which the replay treats as one node (see replay.py)
+        return NONDIFF
+    return rule

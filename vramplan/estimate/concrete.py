@@ -196,7 +196,7 @@ def splice(host: Concrete, sites: list[Site]) -> Concrete:
             out.ops.append((opname_idx[name], module_idx[mod], ins, outs))
         for f in t.functions:
             out.functions.append((f[0], start_new + f[1], start_new + f[2], [tmap[x] for x in f[3]],
-                                  [tmap[x] for x in f[4]]))
+                                  [tmap[x] for x in f[4]], *f[5:]))
         y = tmap[t.outputs["y"]]
         # the host ops of this call, and what they allocated, are gone
         for k in range(first, last + 1):
@@ -228,8 +228,10 @@ def splice(host: Concrete, sites: list[Site]) -> Concrete:
                     new_index[r[2]], [replace.get(t, t) for t in r[3]], [replace.get(t, t) for t in r[4]])
                    for r in host.regions]
     out.calls = [(c[0], new_index[c[1]], new_index[c[2]], c[3], c[4]) for c in host.calls]
+    spliced = [(host.calls[site.call][1], host.calls[site.call][2]) for site in sites]
     out.functions += [(f[0], new_index[f[1]], new_index[f[2]], [replace.get(t, t) for t in f[3]],
-                       [replace.get(t, t) for t in f[4]]) for f in host.functions]
+                       [replace.get(t, t) for t in f[4]], *f[5:]) for f in host.functions
+                      if not any(a <= f[1] <= b for a, b in spliced)]
     out.inputs = {k: replace.get(v, v) for k, v in host.inputs.items()}
     out.outputs = {k: replace.get(v, v) for k, v in host.outputs.items()}
     return out

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from vramplan.estimate.autograd_rules import ANY, Rule, rule_for
+from vramplan.estimate.autograd_rules import ANY, Rule, function_saves, rule_for
 from vramplan.estimate.concrete import Concrete
 from vramplan.footprint import Category
 from vramplan.timeline import Record
@@ -195,9 +195,11 @@ class Replayer:
                 if fresh is not None:
                     fresh[sid] = rec
         if function is not None and i == function[2] and inputs_rg and not in_region:
-            # the Function's ctx.save_for_backward: its inputs (peft's HadaWeight keeps the factors)
+            # what the Function keeps for backward (autograd_rules.FUNCTION_SAVES)
+            keeps = function_saves(function[5] if len(function) > 5 else "")
+            kept_inputs = function[3] if keeps == "all" else [function[3][k] for k in keeps if k < len(function[3])]
             sids = []
-            for tid in function[3]:
+            for tid in kept_inputs:
                 sid = self.t_sid[tid]
                 if sid not in self.param_sids and sid not in sids:
                     sids.append(sid)
@@ -383,14 +385,15 @@ class Replayer:
             if self.python_alive.get(sid) and self.live.get(sid) is rec:
                 self._python_free(sid)
 
-    def finish(self) -> None:
-        """Free what is left (graph outputs, inputs the caller did not own, dead-end saves)."""
+    def finish(self, keep: set | None = None) -> None:
+        """Free what is left (graph outputs, inputs, dead-end saves), except records in `keep`
+        (inputs the caller owns)."""
+        keep_ids = {id(r) for r in (keep or ())}
         for sids in self.saved_by_op.values():
             for sid in sids:
                 self.holds[sid] -= 1
         self.saved_by_op.clear()
         for sid, rec in list(self.live.items()):
-            if sid in self.input_records and self.input_records[sid] is rec and rec.phase == "external":
-                continue
-            self.clock.free(rec)
+            if id(rec) not in keep_ids:
+                self.clock.free(rec)
         self.live.clear()

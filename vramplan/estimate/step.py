@@ -22,7 +22,7 @@ from vramplan.estimate.weights import resident_components, weight_tensors
 from vramplan.footprint import Category
 from vramplan.methods import get_method
 from vramplan.precision import ITEMSIZE, graph_variant, trainable_dtype, vae_dtype
-from vramplan.spec import TrainingSpec
+from vramplan.spec import BaseQuant, TrainingSpec
 
 STEPS = 2
 
@@ -66,7 +66,7 @@ def build_timeline(spec: TrainingSpec, inventories: dict) -> StepTimeline:
     states_live = []
     for step in range(STEPS):
         prefix = "" if step == 0 else "step 2 "
-        grads = _one_step(spec, inventories, trained, resident, clock, prefix, out)
+        grads, batch = _one_step(spec, inventories, trained, resident, clock, prefix, out)
         clock.phase(prefix + "optimizer")
         if step == 0:
             for s in state_tensors:
@@ -87,6 +87,8 @@ def build_timeline(spec: TrainingSpec, inventories: dict) -> StepTimeline:
                 clock.free(rec)
         for rec in grads:
             clock.free(rec)   # optimizer.zero_grad(set_to_none=True)
+        for rec in batch:
+            clock.free(rec)   # the next batch replaces this one
     return out
 
 
@@ -104,12 +106,17 @@ def _one_step(spec, inventories, trained, resident, clock: Clock, prefix: str, o
         batch_inputs.append(pixels)
         vae_env = dict(env, H=height, W=width)
         _inference(graph_for(spec, "vae", "fp32" if vae_dtype(spec) == "float32" else "pure"),
-                   vae_env, clock, prefix + "encode", out)
+                   vae_env, clock, prefix + "encode", out, {"pixel_values": pixels})
     trained_tes = [c.name for c in model.text_encoders if c.name in trained]
     frozen_tes = [c.name for c in model.text_encoders if c.name not in trained and c.name in resident]
+    ids = {}
+    for name in trained_tes + frozen_tes:
+        # token ids (int64) of the batch, alive for the whole step like the pixels
+        ids[name] = clock.alloc(env["B"] * model.text_lengths[name] * 8, Category.INPUTS, prefix + "encode")
+        batch_inputs.append(ids[name])
     for name in frozen_tes:
         _inference(graph_for(spec, name, graph_variant(spec, False, autocast=False)), env, clock,
-                   prefix + "encode", out)
+                   prefix + "encode", out, {"input_ids": ids[name]})
 
     clock.phase(prefix + "forward")
     te_replays = []
@@ -125,11 +132,13 @@ def _one_step(spec, inventories, trained, resident, clock: Clock, prefix: str, o
         rep = Replayer(graph,
                        ReplayOptions(trainable=method.parameter_filter(spec, name, inventories),
                                      gradient_checkpointing=False, phase_prefix=prefix), clock)
-        rep.forward()
+        rep.forward({"input_ids": ids[name]})
         te_replays.append(rep)
     variant = graph_variant(spec, spec.method.trains_denoiser)
     if method.output_keeps_input_dtype and variant == "amp-frozen":
         variant += f"-keep-{spec.lora_targets.value}"
+    if spec.base_quant is not BaseQuant.NONE:
+        variant += f"-{spec.base_quant.value}"
     graph = adapted(concretize(graph_for(spec, denoiser, variant), env), spec, method, denoiser,
                     method.wrapped_modules(spec, denoiser, inventories), variant)
     rep = Replayer(graph, ReplayOptions(trainable=method.parameter_filter(spec, denoiser, inventories),
@@ -151,12 +160,10 @@ def _one_step(spec, inventories, trained, resident, clock: Clock, prefix: str, o
         given = {role: clock.alloc(te.t_bytes[tid], Category.TEMPORARIES, prefix + "backward")
                  for role, tid in outputs.items()}
         res = te.backward(given)
-        te.finish()
+        te.finish(keep=[ids[name] for name in ids])
         out.unknown_ops |= res.unknown_ops
         grads.extend(res.param_grads.values())
-    for rec in batch_inputs:
-        clock.free(rec)
-    return grads
+    return grads, batch_inputs
 
 
 def _denoiser_rg_inputs(spec: TrainingSpec, trained_tes: list) -> set:
@@ -165,8 +172,8 @@ def _denoiser_rg_inputs(spec: TrainingSpec, trained_tes: list) -> set:
     return {"encoder_hidden_states", "text_embeds", "pooled_projections"}
 
 
-def _inference(graph, env, clock: Clock, phase: str, out: StepTimeline) -> None:
+def _inference(graph, env, clock: Clock, phase: str, out: StepTimeline, inputs: dict | None = None) -> None:
     rep = Replayer(concretize(graph, env), ReplayOptions(trainable=lambda name: False, phase_prefix=""), clock)
-    rep.forward()
-    rep.finish()
+    rep.forward(inputs)
+    rep.finish(keep=list((inputs or {}).values()))
     out.unknown_ops |= rep.result.unknown_ops

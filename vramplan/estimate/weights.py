@@ -40,7 +40,9 @@ def quantized_bytes(shape: tuple, quant: BaseQuant) -> list[int]:
     if quant is BaseQuant.INT8:
         return [n, shape[0] * 4]
     if quant is BaseQuant.NF4:
-        return [(n + 1) // 2, -(-n // NF4_BLOCK) * 4]
+        # packed weight, absmax per block, and the 16-value NF4 code table each layer's QuantState
+        # holds (`get_4bit_type` makes one per quantize_4bit call)
+        return [(n + 1) // 2, -(-n // NF4_BLOCK) * 4, 16 * 4]
     raise ValueError(quant)
 
 

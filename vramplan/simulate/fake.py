@@ -20,12 +20,17 @@ def materialize(module: torch.nn.Module, param_dtype: Callable[[str, torch.nn.Pa
     Call inside a FakeTensorMode for fake tensors, or outside it for real (uninitialised) ones.
     `param_dtype(name, param)` chooses each parameter's dtype; requires_grad is kept.
     """
+    from vramplan.step.quantize import fake_quantized_weight, is_quantized
+
     done: dict[int, torch.nn.Parameter] = {}
     for mod_name, mod in module.named_modules():
         for name, param in list(mod._parameters.items()):
             if param is None:
                 continue
             full = f"{mod_name}.{name}" if mod_name else name
+            if name == "weight" and is_quantized(mod):
+                mod._parameters[name] = fake_quantized_weight(mod, param_dtype(full + ".bias", param))
+                continue
             if id(param) not in done:
                 new = torch.nn.Parameter(
                     torch.empty(param.shape, dtype=param_dtype(full, param), device=device),

@@ -117,8 +117,12 @@ class GraphRecorder(TorchDispatchMode):
             self.graph.storages[sid][2] = len(self.graph.ops) - 1 + (1 if self.after_last_op else 0)
 
     def register_params(self, root: torch.nn.Module, prefix: str = "") -> None:
+        from vramplan.step.quantize import quant_tensors
+
         for name, param in root.named_parameters(remove_duplicate=False):
             self.tid(param, param=prefix + name)
+            for extra, tensor in quant_tensors(param).items():
+                self.tid(tensor, param=f"{prefix}{name}.{extra}")
         for name, buf in root.named_buffers():
             self.tid(buf, param=prefix + name)
         for name, mod in root.named_modules():
@@ -225,7 +229,7 @@ class GraphRecorder(TorchDispatchMode):
             out = original.__func__(cls, *args, **kwargs)
             recorder.graph.functions.append([recorder.module_stack[-1] if recorder.module_stack else 0,
                                              start, len(recorder.graph.ops) - 1, in_tids,
-                                             recorder._tensor_ids(out)])
+                                             recorder._tensor_ids(out), cls.__name__])
             return out
 
         function_cls.apply = apply

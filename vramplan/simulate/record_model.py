@@ -11,6 +11,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 
 from vramplan.models.catalog import ModelInfo
 from vramplan.simulate.autocast_policy import autocast_region, cuda_autocast_policy
+from vramplan.simulate.bnb_paths import cuda_bitsandbytes
 from vramplan.simulate.fake import materialize
 from vramplan.simulate.record import Graph, GraphRecorder, no_saved_tensors
 from vramplan.simulate.variants import DtypePolicy
@@ -66,7 +67,22 @@ def keep_targets(model: ModelInfo, component: str, targets: str) -> list[str]:
     return [m.name for m in text_encoder_targets(inventory)]
 
 
+QUANT_SUFFIXES = ("-int8", "-nf4")
+
+
+def split_quant(variant: str):
+    """"amp-frozen-nf4" -> ("amp-frozen", BaseQuant.NF4)."""
+    from vramplan.spec import BaseQuant
+
+    for suffix in QUANT_SUFFIXES:
+        if variant.endswith(suffix):
+            return variant[: -len(suffix)], BaseQuant(suffix[1:])
+    return variant, BaseQuant.NONE
+
+
 def record_denoiser(model: ModelInfo, variant: str, attention: str = "sdpa") -> Graph:
+    full_variant = variant
+    variant, quant = split_quant(variant)
     variant, _, keep = variant.partition("-keep-")
     precision, trainable = VARIANTS[variant]
     policy = DtypePolicy(precision)
@@ -78,6 +94,10 @@ def record_denoiser(model: ModelInfo, variant: str, attention: str = "sdpa") -> 
     denoiser.train()
     if keep:
         keep_dtype(denoiser, keep_targets(model, comp.name, keep))
+    if quant.value != "none":
+        from vramplan.step.quantize import quantize_linears
+
+        quantize_linears(denoiser, quant, policy.low, "meta")
 
     env = ShapeEnv()
     mode = FakeTensorMode(shape_env=env, static_shapes=False)
@@ -104,6 +124,7 @@ def record_denoiser(model: ModelInfo, variant: str, attention: str = "sdpa") -> 
         with contextlib.ExitStack() as stack:
             stack.enter_context(cuda_autocast_policy())
             stack.enter_context(symbolic_interpolate())
+            stack.enter_context(cuda_bitsandbytes())
             stack.enter_context(recorder)
             stack.enter_context(recorder.module_hooks())
             stack.enter_context(recorder.autograd_functions())
@@ -122,7 +143,7 @@ def record_denoiser(model: ModelInfo, variant: str, attention: str = "sdpa") -> 
             recorder.mark("end")
     graph = recorder.graph
     graph.guards = [str(g.expr.xreplace(recorder.symbols)) for g in env.guards]
-    graph.meta = {"model": model.key, "component": comp.name, "variant": variant + (f"-keep-{keep}" if keep else ""),
+    graph.meta = {"model": model.key, "component": comp.name, "variant": full_variant,
                   "attention": attention, "symbols": {"B": "batch (images per step)",
                                                       "H": "latent height", "W": "latent width"},
                   "hints": HINTS, "torch": torch.__version__, "seconds": round(time.time() - started, 2)}

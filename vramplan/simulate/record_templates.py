@@ -21,6 +21,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from vramplan.simulate.autocast_policy import autocast_region, cuda_autocast_policy
+from vramplan.simulate.bnb_paths import cuda_bitsandbytes
 from vramplan.simulate.record import GraphRecorder, no_saved_tensors
 from vramplan.simulate.record_model import VARIANTS, _symbolic, symbolic_interpolate
 from vramplan.simulate.variants import DtypePolicy
@@ -52,7 +53,10 @@ def record_template(method: str, kind: str, bias: bool, variant: str, x_dtype: s
     from vramplan.methods import get_method
     from vramplan.spec import Method, build_spec
 
-    precision, _ = VARIANTS[variant]
+    from vramplan.simulate.record_model import split_quant
+
+    base_variant, quant = split_quant(variant)
+    precision, _ = VARIANTS[base_variant]
     policy = DtypePolicy(precision)
     conv = kind.startswith("conv")
     hints = dict(CONV_HINTS if conv else LINEAR_HINTS)
@@ -74,6 +78,10 @@ def record_template(method: str, kind: str, bias: bool, variant: str, x_dtype: s
         base = nn.Conv2d(in_dim, out_dim, k, stride=s, padding=p, bias=bias) if conv \
             else nn.Linear(in_dim, out_dim, bias=bias)
     holder = _Holder(base)
+    if quant.value != "none":
+        from vramplan.step.quantize import quantize_linears
+
+        quantize_linears(holder, quant, policy.low, "meta")
     if method == "hypernetwork":
         from vramplan.step.modules import HyperLinear, HypernetworkMLP
 
@@ -120,11 +128,16 @@ def record_template(method: str, kind: str, bias: bool, variant: str, x_dtype: s
     started = time.time()
     with mode:
         done = {}
+        from vramplan.step.quantize import quant_tensors, symbolic_quantized_weight, is_quantized
+
         for mod_name, mod in holder.named_modules():
             for pname, param in list(mod._parameters.items()):
                 if param is None:
                     continue
                 full = f"{mod_name}.{pname}" if mod_name else pname
+                if pname == "weight" and is_quantized(mod):
+                    mod._parameters[pname] = symbolic_quantized_weight(mod, sym["OUT"], sym["IN"], policy.low)
+                    continue
                 adapter = any(a in full for a in adapter_names)
                 dtype = policy.trainable if adapter else policy.frozen
                 if id(param) not in done:
@@ -135,6 +148,8 @@ def record_template(method: str, kind: str, bias: bool, variant: str, x_dtype: s
             role = "adapter" if any(a in name for a in adapter_names) else "base"
             relative = name.removeprefix("target.").replace(".default", "")
             recorder.tid(param, param=f"{role}:{relative}")
+            for extra, tensor in quant_tensors(param).items():
+                recorder.tid(tensor, param=f"{role}:{relative}.{extra}")
         for name, mod in holder.named_modules():
             recorder.module_names[id(mod)] = name.removeprefix("target").lstrip(".")
         if conv:
@@ -147,6 +162,7 @@ def record_template(method: str, kind: str, bias: bool, variant: str, x_dtype: s
         with contextlib.ExitStack() as stack:
             stack.enter_context(cuda_autocast_policy())
             stack.enter_context(symbolic_interpolate())
+            stack.enter_context(cuda_bitsandbytes(symbolic=True))
             stack.enter_context(recorder)
             stack.enter_context(recorder.module_hooks())
             stack.enter_context(recorder.autograd_functions())

@@ -59,14 +59,20 @@ def simulate(spec: TrainingSpec, progress=None) -> Simulation:
     say = progress or (lambda message: None)
     tracker = MemoryTracker()
     fake_mode = FakeTensorMode()
-    with cuda_autocast_policy():
+    from vramplan.simulate.bnb_paths import cuda_bitsandbytes
+
+    with cuda_autocast_policy(), cuda_bitsandbytes():
         say("building the model on the meta device")
         step = build_step(spec, "fake", fake_mode=fake_mode)
         with fake_mode:
             tracker.set_phase("load")
+            from vramplan.step.quantize import quant_tensors
+
             for module in step.models.values():
                 for p in module.parameters():
                     tracker.track(p, Category.TRAINABLE_WEIGHTS if p.requires_grad else Category.FROZEN_WEIGHTS)
+                    for extra in quant_tensors(p).values():
+                        tracker.track(extra, Category.FROZEN_WEIGHTS)
                 for b in module.buffers():
                     tracker.track(b, Category.BUFFERS)
             if step.ema is not None:

@@ -122,8 +122,11 @@ class MemoryTracker(TorchDispatchMode):
             self._phase_peaks[self.phase] = (self.live, self.event)
 
     def set_phase(self, phase: str) -> None:
+        """Events from the next one on belong to `phase` (same convention as the estimate's)."""
+        if self.phase == phase:
+            return
         self.phase = phase
-        self.timeline.phases.append((phase, self.event))
+        self.timeline.phases.append((phase, self.event + 1))
         self._phase_peaks.setdefault(phase, (self.live, self.event))
 
     def mark_saved(self, tensor: torch.Tensor) -> None:

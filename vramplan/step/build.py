@@ -27,7 +27,7 @@ from vramplan.methods import get_method
 from vramplan.models.inventory import load_model_inventories
 from vramplan.precision import frozen_dtype, trainable_dtype, vae_dtype
 from vramplan.simulate.variants import DTYPES
-from vramplan.spec import Optimizer, Precision, TrainingSpec
+from vramplan.spec import BaseQuant, Optimizer, Precision, TrainingSpec
 from vramplan.step.attention import attention_context, set_attention
 from vramplan.step.families import Conditioning, Random, Shapes, family_of
 from vramplan.step.loading import build_component, load_component
@@ -193,6 +193,13 @@ def build_step(spec: TrainingSpec, device: str = "fake", weights: Path | None = 
             module = build_component(model, comp, build_on, attention=spec.attention.value)
         set_attention(module, spec.attention.value, real_xformers=device == "cuda")
         models[comp.name] = module
+    if spec.base_quant is not BaseQuant.NONE:
+        from vramplan.step.quantize import quantize_linears
+
+        denoiser = models[model.denoiser.name]
+        if device != "fake":
+            denoiser.to(DTYPES[frozen_dtype(spec)])
+        quantize_linears(denoiser, spec.base_quant, DTYPES[spec.precision.low_dtype], build_on)
     method.apply(spec, models, inventories)
     for name, module in models.items():
         trains = any(p.requires_grad for p in module.parameters())
@@ -231,11 +238,15 @@ def build_step(spec: TrainingSpec, device: str = "fake", weights: Path | None = 
                         param._vramplan_zero_init = True
         # optimizers are built outside the fake mode (bitsandbytes makes real quantization maps)
         return _finish(spec, device, models, inventories, fake_mode)
+    from vramplan.step.quantize import is_quantized
+
     for name, module in models.items():
         choose = dtype_of(name)
+        quantized = {id(m.weight) for m in module.modules() if is_quantized(m)}
         with torch.no_grad():
             for pname, param in module.named_parameters():
-                param.data = param.data.to(choose(pname, param))
+                if id(param) not in quantized:
+                    param.data = param.data.to(choose(pname, param))
             for bname, buf in module.named_buffers():
                 if buf.is_floating_point():
                     buf.data = buf.data.to(DTYPES[vae_dtype(spec) if name == "vae" else frozen_dtype(spec)])
