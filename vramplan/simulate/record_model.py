@@ -57,12 +57,12 @@ def keep_dtype(module: torch.nn.Module, names: list[str]) -> None:
 
 def keep_targets(model: ModelInfo, component: str, targets: str) -> list[str]:
     from vramplan.methods.targets import denoiser_targets, text_encoder_targets
-    from vramplan.models.inventory import load_inventory
+    from vramplan.models.inventory import load_model_inventories
     from vramplan.spec import build_spec
 
-    inventory = load_inventory(model.key, component)
+    inventory = load_model_inventories(model)[component]
     if component == model.denoiser.name:
-        spec = build_spec({"model": model.key, "method": "loha", "lora_targets": targets})
+        spec = build_spec({"model": model, "method": "loha", "lora_targets": targets})
         return [m.name for m in denoiser_targets(spec, inventory)]
     return [m.name for m in text_encoder_targets(inventory)]
 

@@ -25,7 +25,7 @@ def component_config(model: ModelInfo, component: Component) -> dict:
         path = folder / "config.json"
         if path.exists():
             return json.loads(path.read_text())
-    path = CONFIG_ROOT / model.key / f"{component.name}.json"
+    path = CONFIG_ROOT / (getattr(model, "base_model", None) or model.key) / f"{component.name}.json"
     if not path.exists():
         raise UsageError(f"no config for {model.key}/{component.name} ({path})")
     return json.loads(path.read_text())
