@@ -43,6 +43,12 @@ def _template(key: str):
     return parse_graph(data, TEMPLATE_NAMES)
 
 
+@lru_cache(maxsize=4096)
+def _concrete_template(key: str, env: tuple) -> Concrete:
+    # sites with the same sizes (repeated blocks) share one evaluation; splice only reads it
+    return concretize(_template(key), dict(env))
+
+
 def layer_kind(entry: ModuleEntry, x_rank: int) -> str:
     if entry.is_linear:
         return f"linear{x_rank}"
@@ -84,7 +90,7 @@ def adapted(graph: Concrete, spec: TrainingSpec, method: MethodImpl, component: 
                 env["D1"] = shape[1]
         else:
             env.update(D0=shape[0], D2=shape[2], D3=shape[3])
-        t = concretize(_template(key), env)
+        t = _concrete_template(key, tuple(sorted(env.items())))
         # base params keep the module's names; adapter params take the method's names
         sites.append(Site(index, t, f"{component}.{entry.name}.",
                           f"{component}.{method.adapter_prefix(spec, entry)}"))

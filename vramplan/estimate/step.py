@@ -20,6 +20,7 @@ from vramplan.estimate.replay import Clock, ReplayOptions, Replayer
 from vramplan.estimate.traces import graph_for
 from vramplan.estimate.weights import resident_components, weight_tensors
 from vramplan.footprint import Category
+from vramplan.timeline import Record
 from vramplan.methods import get_method
 from vramplan.precision import ITEMSIZE, graph_variant, trainable_dtype, vae_dtype
 from vramplan.spec import BaseQuant, TrainingSpec
@@ -64,9 +65,17 @@ def build_timeline(spec: TrainingSpec, inventories: dict) -> StepTimeline:
     n_grads = sum(len(ts) for ts in trained.values())
 
     states_live = []
+    first = None
     for step in range(STEPS):
         prefix = "" if step == 0 else "step 2 "
-        grads, batch = _one_step(spec, inventories, trained, resident, clock, prefix, out)
+        if first is None:
+            window_start = clock.now + 1
+            phases_before = len(clock.phases)
+            grads, batch = _one_step(spec, inventories, trained, resident, clock, prefix, out)
+            first = (window_start, clock.now, phases_before, grads, batch)
+        else:
+            # every later step allocates what the first did, in the same order: repeat it
+            grads, batch = _repeat_step(clock, *first, prefix)
         clock.phase(prefix + "optimizer")
         if step == 0:
             for s in state_tensors:
@@ -90,6 +99,25 @@ def build_timeline(spec: TrainingSpec, inventories: dict) -> StepTimeline:
         for rec in batch:
             clock.free(rec)   # the next batch replaces this one
     return out
+
+
+def _repeat_step(clock: Clock, start: int, end: int, phases_before: int, grads: list, batch: list,
+                 prefix: str) -> tuple[list, list]:
+    """Copy the records of events start..end (encode to backward of the first step) to now."""
+    offset = clock.now + 1 - start
+    copies = {}
+    for rec in list(clock.records):
+        if start <= rec.alloc_at <= end:
+            free = rec.free_at + offset if rec.free_at is not None and rec.free_at <= end else None
+            copy = Record(rec.nbytes, rec.alloc_at + offset, free, rec.category,
+                          prefix + rec.phase, rec.module, rec.op, rec.saved)
+            clock.records.append(copy)
+            copies[id(rec)] = copy
+    for name, event in clock.phases[phases_before:]:
+        if start <= event <= end + 1 and not name.endswith("optimizer"):
+            clock.phases.append((prefix + name, event + offset))
+    clock.now = end + offset
+    return [copies[id(r)] for r in grads if id(r) in copies], [copies[id(r)] for r in batch if id(r) in copies]
 
 
 def _one_step(spec, inventories, trained, resident, clock: Clock, prefix: str, out: StepTimeline) -> list:
