@@ -52,12 +52,10 @@ def simulate(spec: TrainingSpec, progress=None) -> Simulation:
     from vramplan.estimate.core import component_parameters
     from vramplan.footprint_build import build_footprint
     from vramplan.simulate.autocast_policy import cuda_autocast_policy
-    from vramplan.simulate.tracker import MemoryTracker
     from vramplan.step.build import build_step
 
     started = time.time()
     say = progress or (lambda message: None)
-    tracker = MemoryTracker()
     fake_mode = FakeTensorMode()
     from vramplan.simulate.bnb_paths import cuda_bitsandbytes
 
@@ -65,54 +63,7 @@ def simulate(spec: TrainingSpec, progress=None) -> Simulation:
         say("building the model on the meta device")
         step = build_step(spec, "fake", fake_mode=fake_mode)
         with fake_mode:
-            tracker.set_phase("load")
-            from vramplan.step.quantize import quant_tensors
-
-            for module in step.models.values():
-                for p in module.parameters():
-                    tracker.track(p, Category.TRAINABLE_WEIGHTS if p.requires_grad else Category.FROZEN_WEIGHTS)
-                    for extra in quant_tensors(p).values():
-                        tracker.track(extra, Category.FROZEN_WEIGHTS)
-                for b in module.buffers():
-                    tracker.track(b, Category.BUFFERS)
-            if step.ema is not None:
-                for p in step.ema.shadow_params:
-                    tracker.track(p, Category.EMA)
-            for sub in (step.scaler,):
-                for value in vars(sub).values() if sub is not None else ():
-                    if isinstance(value, torch.Tensor):
-                        tracker.track(value, Category.TEMPORARIES)
-
-            def mark_saved(t):
-                tracker.mark_saved(t)
-                return t
-
-            with contextlib.ExitStack() as stack:
-                stack.enter_context(tracker)
-                stack.enter_context(tracker.module_hooks(step.models))
-                stack.enter_context(torch.autograd.graph.saved_tensors_hooks(mark_saved, lambda t: t))
-                for i in range(STEPS):
-                    prefix = "" if i == 0 else "step 2 "
-                    say(f"step {i + 1} of {STEPS}")
-
-                    def hook(phase, prefix=prefix):
-                        if phase == "optimizer":
-                            for p in step.trainable:
-                                if p.grad is not None:
-                                    tracker.track(p.grad, Category.GRADIENTS)
-                        tracker.set_phase(prefix + phase)
-
-                    tracker.set_phase(prefix + "encode")
-                    batch = step.make_batch()
-                    for t in _batch_tensors(batch):
-                        tracker.track(t, Category.INPUTS)
-                    step.run_step(batch, hook=hook)
-                    for state in step.optimizer.state.values():
-                        for value in state.values():
-                            if isinstance(value, torch.Tensor):
-                                tracker.track(value, Category.OPTIMIZER_STATES)
-                    del batch
-                tracker.set_phase("end")
+            tracker = trace_step(step, STEPS, say)
     records, phases = _records(tracker)
     footprint, analysis, notes = build_footprint(records, phases, spec.gpu, "simulate")
     top: dict = {}
@@ -124,6 +75,65 @@ def simulate(spec: TrainingSpec, progress=None) -> Simulation:
     return Simulation(spec=spec, footprint=footprint, analysis=analysis, records=records, phases=phases,
                       parameters=parameters, top_layers=top_layers, seconds=time.time() - started,
                       notes=tuple(notes))
+
+
+def trace_step(step, steps: int = STEPS, say=None) -> "MemoryTracker":
+    """Run `steps` training steps of a built step under a MemoryTracker and label what it saw.
+
+    Works on fake tensors (simulate; call inside the step's FakeTensorMode) and on real CPU
+    tensors (profile --device cpu; and the test that the two traces agree)."""
+    from vramplan.simulate.tracker import MemoryTracker
+    from vramplan.step.quantize import quant_tensors
+
+    say = say or (lambda message: None)
+    tracker = MemoryTracker()
+    tracker.set_phase("load")
+    for module in step.models.values():
+        for p in module.parameters():
+            tracker.track(p, Category.TRAINABLE_WEIGHTS if p.requires_grad else Category.FROZEN_WEIGHTS)
+            for extra in quant_tensors(p).values():
+                tracker.track(extra, Category.FROZEN_WEIGHTS)
+        for b in module.buffers():
+            tracker.track(b, Category.BUFFERS)
+    if step.ema is not None:
+        for p in step.ema.shadow_params:
+            tracker.track(p, Category.EMA)
+    if step.scaler is not None:
+        for value in vars(step.scaler).values():
+            if isinstance(value, torch.Tensor):
+                tracker.track(value, Category.TEMPORARIES)
+
+    def mark_saved(t):
+        tracker.mark_saved(t)
+        return t
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(tracker)
+        stack.enter_context(tracker.module_hooks(step.models))
+        stack.enter_context(torch.autograd.graph.saved_tensors_hooks(mark_saved, lambda t: t))
+        for i in range(steps):
+            prefix = "" if i == 0 else f"step {i + 1} "
+            say(f"step {i + 1} of {steps}")
+
+            def hook(phase, prefix=prefix):
+                if phase == "optimizer":
+                    for p in step.trainable:
+                        if p.grad is not None:
+                            tracker.track(p.grad, Category.GRADIENTS)
+                tracker.set_phase(prefix + phase)
+
+            tracker.set_phase(prefix + "encode")
+            batch = step.make_batch()
+            for t in _batch_tensors(batch):
+                tracker.track(t, Category.INPUTS)
+            step.run_step(batch, hook=hook)
+            for state in step.optimizer.state.values():
+                for value in state.values():
+                    if isinstance(value, torch.Tensor):
+                        tracker.track(value, Category.OPTIMIZER_STATES)
+            del batch
+        tracker.set_phase("end")
+    return tracker
 
 
 def _batch_tensors(batch):
