@@ -63,23 +63,33 @@ class FakeGradScaler:
     """GradScaler's tensor work without its data-dependent skip decision (see module docstring)."""
 
     def __init__(self, device: str = "cpu", init_scale: float = 2.0 ** 16):
-        self._scale = torch.full((), init_scale, dtype=torch.float32, device=device)
-        self._growth_tracker = torch.full((), 0, dtype=torch.int32, device=device)
+        self._device = device
+        self._init_scale = init_scale
+        self._scale = None
+        self._growth_tracker = None
         self._found_inf = None
 
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        if self._scale is None:
+            # GradScaler._lazy_init_scale_growth_tracker, on the first scale()
+            self._scale = torch.full((), self._init_scale, dtype=torch.float32, device=self._device)
+            self._growth_tracker = torch.full((), 0, dtype=torch.int32, device=self._device)
         return loss * self._scale.to(dtype=loss.dtype)
 
     def unscale_(self, optimizer) -> None:
         inv_scale = self._scale.double().reciprocal().float()
         found_inf = torch.full((), 0.0, dtype=torch.float32, device=self._scale.device)
+        # `_MultiDeviceReplicator.get(device)` copies both per device (`.to(device, copy=True)`)
+        device = self._scale.device
+        inv_scale_here = inv_scale.to(device=device, copy=True)
+        found_inf_here = found_inf.to(device=device, copy=True)
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         by_dtype: dict = {}
         for g in grads:
             by_dtype.setdefault(g.dtype, []).append(g)
         for same in by_dtype.values():
-            torch._amp_foreach_non_finite_check_and_unscale_(same, found_inf, inv_scale)
-        self._found_inf = found_inf
+            torch._amp_foreach_non_finite_check_and_unscale_(same, found_inf_here, inv_scale_here)
+        self._found_inf = found_inf_here   # kept in the optimizer's state until update()
 
     def step(self, optimizer) -> None:
         optimizer.step()
