@@ -251,10 +251,24 @@ def grid_panel(estimate: Estimate, colour: bool = True) -> Panel:
     return Panel(body, title=title, title_align="left", expand=False, border_style=border)
 
 
+def parameters_table(estimate: Estimate) -> Table:
+    """Parameters per component (exact, from the inventories) and what trains."""
+    table = Table(box=None, show_header=True, header_style="bold", pad_edge=False)
+    table.add_column("component")
+    table.add_column("parameters", justify="right")
+    table.add_column("trainable", justify="right")
+    for name, p in estimate.parameters.items():
+        table.add_row(name, f"{p.total:,}", f"{p.trainable:,}" if p.trainable else "-")
+    if estimate.adapter_file_bytes is not None:
+        table.add_row("adapter file", "", f"{estimate.adapter_file_bytes / 2**20:.1f} MiB (fp16 safetensors)")
+    return table
+
+
 def estimate_view(estimate: Estimate, colour: bool = True) -> Group:
     unit = estimate_unit(estimate)
     parts = [
         spec_panel(estimate.spec, title=f"vramplan {estimate.footprint.source}"),
+        parameters_table(estimate),
         grid_panel(estimate, colour),
         totals_table(estimate.footprint, unit),
         Text(""),
