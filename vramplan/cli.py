@@ -684,3 +684,251 @@ def gpus_command(args: argparse.Namespace) -> int:
                 "bytes), 16GiB (2^30), 24G", "dim")
     Console().print(Group(table, note, Text(""), Text("sources", "bold"), sources))
     return 0
+
+
+# -- profile -------------------------------------------------------------------------------------
+
+def _profile_arguments(parser: argparse.ArgumentParser) -> None:
+    add_spec_flags(parser)
+    group = parser.add_argument_group("measurement")
+    group.add_argument("--device", metavar="cuda|cpu", default="cuda",
+                       help="cuda (default): real steps on the GPU, with the allocator's peaks and "
+                            "NVML | cpu: the same real step on the CPU, measured by the simulate "
+                            "tracker and the process's peak RSS (no GPU needed)")
+    group.add_argument("--steps", metavar="N",
+                       help="training steps to run, >= 2: the second is the first with optimizer "
+                            "state (default: 3, or the --matrix file's steps)")
+    group.add_argument("--out", metavar="DIR", type=Path, default=Path("profiles"),
+                       help="the profile store: each result goes to DIR/<gpu>/<spec key>.json "
+                            "(default: profiles)")
+    group.add_argument("--force", action="store_true",
+                       help="measure again and replace a profile stored already")
+    group.add_argument("--matrix", metavar="FILE.toml", type=Path,
+                       help="a campaign: every spec of the TOML matrix (see "
+                            "examples/matrix-quick.toml), one after another; an out-of-memory "
+                            "is stored and the next case runs; stored cases are skipped")
+    group.add_argument("--budget", metavar="SECONDS",
+                       help="--matrix: start no case that would end after this many seconds "
+                            "(default: the file's budget_seconds, else none)")
+    group.add_argument("--json", action="store_true",
+                       help="print the profile (with --matrix: the list of outcomes) as JSON to "
+                            "stdout and nothing else")
+
+
+def _whole_number(text, flag: str, minimum: int) -> int:
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise UsageError(f"{flag}: {text!r} is not a whole number") from None
+    if value < minimum:
+        raise UsageError(f"{flag}: {value} is too small (at least {minimum})")
+    return value
+
+
+def _showing_progress(show: bool, first: str, work):
+    """Run `work(report)`; with `show`, each stage reported is a spinner line on stderr, then a
+    tick and its time (as simulate shows its stages)."""
+    if not show:
+        return work(lambda message: None)
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    columns = (SpinnerColumn(finished_text="[green]✓[/]"), TextColumn("{task.description}"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True)) as progress:
+        stage = None
+
+        def report(message: str) -> None:
+            nonlocal stage
+            if stage is not None:
+                progress.update(stage, total=1, completed=1)
+            stage = progress.add_task(message, total=None)
+
+        report(first)
+        result = work(report)
+        progress.update(stage, total=1, completed=1)
+    return result
+
+
+@command("profile", "measure the real training step: on the GPU, or on the CPU with --device cpu",
+         arguments=_profile_arguments,
+         examples=(
+             "vramplan profile --model sdxl --method lora --rank 32 --gradient-checkpointing",
+             "vramplan profile --matrix examples/matrix-quick.toml --budget 420",
+             "vramplan profile --device cpu --model OUT/model --method lora --rank 4 "
+             "--resolution 64",
+         ))
+def profile_command(args: argparse.Namespace) -> int:
+    """Run the spec's real training step (the step simulate traces, random weights: memory does
+    not depend on their values) for a few steps and record what it used: peak allocated, peak
+    reserved, the device's used memory from NVML, the CUDA context, the peak of each phase, the
+    step time and the environment. The result is stored as JSON under --out for `vramplan
+    validate`; an out-of-memory is stored too, as a measured "does not fit"."""
+    device = str(args.device).strip().lower()
+    if device not in ("cuda", "cpu"):
+        raise UsageError(f"--device: {args.device!r} is not cuda or cpu")
+    steps = None if args.steps is None else _whole_number(args.steps, "--steps", 2)
+    if args.matrix is not None:
+        if given_options(args) or args.plan is not None:
+            raise UsageError("--matrix takes every spec from its file: give no spec flags or "
+                             "--plan with it")
+        return _profile_matrix(args, device, steps)
+    if args.budget is not None:
+        raise UsageError("--budget applies to --matrix campaigns")
+    plan = read_plan(args.plan) if args.plan is not None else None
+    spec = resolve_spec(given_options(args), plan, args.plan)
+
+    from vramplan.profile.measure import DEFAULT_STEPS, profile, require_cuda, store_folder
+    from vramplan.profile.store import ProfileExists, save_profile, spec_key
+
+    steps = steps or DEFAULT_STEPS
+
+    if device == "cuda":
+        require_cuda()
+    folder = store_folder(device)
+    if folder is not None and not args.force:
+        path = args.out / folder / f"{spec_key(spec.to_json())}.json"
+        if path.exists():
+            raise ProfileExists(f"{path} exists: --force measures again and replaces it")
+    result = _showing_progress(not args.json, "importing torch, diffusers and peft",
+                               lambda report: profile(spec, device, steps, report))
+    path = save_profile(result, args.out, force=args.force)
+    if args.json:
+        _print_json(result.to_json())
+        print(f"profile written to {path}", file=sys.stderr)
+        return 0
+    from rich.console import Console
+
+    from vramplan.render.validation import profile_view
+
+    Console().print(profile_view(result, path))
+    return 0
+
+
+def _profile_matrix(args: argparse.Namespace, device: str, steps: int | None) -> int:
+    from vramplan.profile.campaign import Outcome, Status, read_matrix, run_campaign
+    from vramplan.profile.measure import DEFAULT_STEPS
+
+    matrix = read_matrix(args.matrix)
+    steps = steps or matrix.steps or DEFAULT_STEPS
+    budget = matrix.budget_seconds
+    if args.budget is not None:
+        try:
+            budget = float(args.budget)
+        except ValueError:
+            raise UsageError(f"--budget: {args.budget!r} is not a number of seconds") from None
+        if budget <= 0:
+            raise UsageError("--budget must be a positive number of seconds")
+    if device == "cuda":
+        from vramplan.profile.measure import store_folder
+
+        store_folder("cuda")   # no CUDA device: the one-line error, before anything runs
+    from rich.console import Console
+    from rich.text import Text
+
+    from vramplan.render.simulation import human_bytes
+
+    console = Console(stderr=args.json)
+    console.print(Text(f"{matrix.name}: {len(matrix.cases)} cases on {device}, {steps} steps each"
+                       + (f", budget {budget:.0f} s" if budget else ""), "bold"))
+    width = len(str(len(matrix.cases)))
+
+    def report(number: int, total: int, item) -> None:
+        if not isinstance(item, Outcome):
+            return
+        line = Text(f"[{number:>{width}}/{total}] ")
+        line.append(item.case.key, "bold")
+        colour = {Status.MEASURED: "green", Status.OUT_OF_MEMORY: "yellow",
+                  Status.FAILED: "red"}.get(item.status, "dim")
+        line.append(f"  {item.status.value}", colour)
+        measured = item.profile
+        if measured is not None and measured.fits:
+            line.append(f"  {human_bytes(measured.peak_allocated_bytes)} allocated")
+            if measured.device_used_bytes is not None:
+                line.append(f", {human_bytes(measured.device_used_bytes)} used")
+        if item.message:
+            line.append(f"  {item.message}", "dim")
+        if item.seconds:
+            line.append(f"  ({item.seconds:.1f} s)", "dim")
+        console.print(line)
+
+    result = run_campaign(matrix, device, args.out, steps=steps, force=args.force,
+                          budget_seconds=budget, report=report)
+    counts = ", ".join(f"{result.count(s)} {s.value}" for s in Status if result.count(s))
+    console.print(Text(f"{counts} in {result.seconds:.0f} s; profiles under {args.out}", "bold"))
+    if args.json:
+        _print_json([{"case": o.case.key, "block": o.case.block, "label": o.case.label,
+                      "status": o.status.value, "path": None if o.path is None else str(o.path),
+                      "message": o.message, "seconds": round(o.seconds, 2)}
+                     for o in result.outcomes])
+    return 1 if result.count(Status.FAILED) else 0
+
+
+# -- validate ------------------------------------------------------------------------------------
+
+def _validate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profiles", metavar="DIR", type=Path, default=Path("profiles"),
+                        help="the profile store to validate (default: profiles)")
+    parser.add_argument("--no-simulate", action="store_true",
+                        help="predict with estimate only (simulate takes seconds per profile)")
+    group = parser.add_argument_group("output")
+    group.add_argument("--chart", metavar="PATH", type=Path,
+                       help="also draw predicted vs measured, with the y = x line and the "
+                            "+-5%% band, to PATH, a .png or .svg file")
+    group.add_argument("--csv", metavar="PATH", type=Path,
+                       help="also write one row per profile to PATH as CSV: sizes in bytes, "
+                            "errors as fractions")
+    group.add_argument("--json", metavar="PATH", nargs="?", const="-",
+                       help="write the cases, the summary and the problems as JSON to PATH, or "
+                            "to stdout (and nothing else there) without PATH")
+
+
+@command("validate", "every stored profile against estimate and simulate: the accuracy report",
+         arguments=_validate_arguments,
+         examples=(
+             "vramplan validate",
+             "vramplan validate --chart accuracy.png --csv accuracy.csv",
+             "vramplan validate --profiles profiles --no-simulate --json accuracy.json",
+         ))
+def validate_command(args: argparse.Namespace) -> int:
+    """Predict every profile under --profiles again, with estimate and simulate, for the card it
+    ran on, and show measured against predicted for the three totals with the relative errors,
+    then a summary per device and tier (median, max, share within 2% and 5%). CPU profiles are
+    summarised apart from CUDA ones. A file that is not a profile is named and skipped."""
+    _check_chart_path(args.chart)
+    if not args.profiles.is_dir():
+        raise UsageError(f"--profiles: {str(args.profiles)!r} is not a folder "
+                         f"(vramplan profile --out writes one)")
+    to_stdout = args.json == "-"
+
+    from vramplan.profile.validate import validate
+
+    validation = _showing_progress(
+        not to_stdout, "reading the profiles",
+        lambda report: validate(args.profiles, simulate=not args.no_simulate, progress=report))
+    written = []
+    if args.csv is not None:
+        from vramplan.render.validation import write_validation_csv
+
+        written.append(f"table written to {write_validation_csv(validation, args.csv)}")
+    if args.json is not None and not to_stdout:
+        from vramplan.render.validation import write_validation_json
+
+        written.append(f"JSON written to {write_validation_json(validation, Path(args.json))}")
+    if args.chart is not None and validation.cases:
+        from vramplan.render.validation import write_accuracy_chart
+
+        written.append(f"chart written to {write_accuracy_chart(validation, args.chart)}")
+    if to_stdout:
+        from vramplan.render.validation import validation_json
+
+        _print_json(validation_json(validation))
+    else:
+        from rich.console import Console
+
+        from vramplan.render.validation import validation_view
+
+        Console().print(validation_view(validation))
+    for line in written:
+        print(line, file=sys.stderr if to_stdout else sys.stdout)
+    return 0
