@@ -30,8 +30,8 @@ from vramplan.gpus import ALIASES, CATALOG
 from vramplan.models.catalog import MODELS
 from vramplan.models.resolve import resolve_model
 from vramplan.spec import (
-    METHOD_KNOBS, BaseQuant, LoraTargets, Method, Optimizer, TrainingSpec, build_spec,
-    spec_from_json,
+    METHOD_KNOBS, BaseQuant, FsdpSharding, LoraTargets, Method, Offload, Optimizer, Strategy,
+    TrainingSpec, build_spec, spec_from_json,
 )
 
 EXIT_USAGE = 2
@@ -206,6 +206,20 @@ SPEC_FLAGS: tuple[SpecFlag, ...] = (
     SpecFlag("gpu", f"the card to check: a size (16GB = 16*10^9 bytes, 16GiB = 16*2^30, "
                     f"24G = 24GB) or one of {', '.join(CATALOG)} ('vramplan gpus' lists them; "
                     f"default: none, report only what it needs)", "GPU"),
+    SpecFlag("strategy", f"how several GPUs share the work: {_choices(Strategy)} (default: ddp "
+                         f"with --gpus N>1, else one plain process); estimates one GPU of it",
+             "S"),
+    SpecFlag("fsdp_sharding", f"--strategy fsdp: {_choices(FsdpSharding)} (torch's FULL_SHARD / "
+                              f"SHARD_GRAD_OP / HYBRID_SHARD; default: full-shard)", "MODE"),
+    SpecFlag("offload", f"move to host RAM: {_choices(Offload)} (default: none). optimizer = "
+                        f"DeepSpeed offload_optimizer (zero1/2/3); params = parameters, gradients "
+                        f"and optimizer (fsdp CPUOffload, zero3 offload_param)", "WHAT"),
+)
+# Flags that set several spec fields at once (not one field each, so not in SPEC_FLAGS).
+EXTRA_SPEC_FLAGS: tuple[SpecFlag, ...] = (
+    SpecFlag("gpus", "several cards of one kind: COUNTxCARD, e.g. 8xh100 or 2x24GB (sets --gpu "
+                     "and the GPU count; --batch-size stays per GPU, as in accelerate)", "NxGPU",
+             listable=False),
 )
 
 
@@ -214,7 +228,7 @@ def add_spec_flags(parser: argparse.ArgumentParser, *, lists: bool = False) -> N
     group = parser.add_argument_group(
         "training spec" + (" (each a comma list, or repeated: all combinations are compared)"
                            if lists else ""))
-    for flag in SPEC_FLAGS:
+    for flag in SPEC_FLAGS + EXTRA_SPEC_FLAGS:
         if flag.switch and lists:
             group.add_argument(flag.option, dest=flag.name, action="append", nargs="?",
                                const="yes", metavar="no,yes",
@@ -233,7 +247,8 @@ def add_spec_flags(parser: argparse.ArgumentParser, *, lists: bool = False) -> N
 
 def given_options(args: argparse.Namespace) -> dict:
     """Only what the user typed: field name -> raw value, for `build_spec` to validate."""
-    return {f.name: getattr(args, f.name) for f in SPEC_FLAGS if getattr(args, f.name) is not None}
+    return {f.name: getattr(args, f.name) for f in SPEC_FLAGS + EXTRA_SPEC_FLAGS
+            if getattr(args, f.name) is not None}
 
 
 # -- plans ---------------------------------------------------------------------------------------
@@ -289,6 +304,11 @@ def override_plan(plan: dict, overrides: dict) -> dict:
             native = None
         if plan["resolution"] in ([native, native], native):
             merged.pop("resolution", None)
+    if "gpus" in overrides:
+        merged.pop("gpu", None)          # --gpus names the card and the count anew
+        merged.pop("num_gpus", None)
+    if "strategy" in overrides:
+        merged.pop("fsdp_sharding", None)   # followed the plan's strategy
     merged.update(overrides)
     return merged
 
@@ -336,6 +356,9 @@ def _output_flags(parser: argparse.ArgumentParser, *, many: bool = False) -> Non
 def _estimate_arguments(parser: argparse.ArgumentParser) -> None:
     add_spec_flags(parser)
     _output_flags(parser)
+    parser.add_argument("--emit-launch", metavar="FOLDER", type=Path,
+                        help="also write the plan's launch files to FOLDER: accelerate.yaml (for "
+                             "`accelerate launch --config_file`) and, for zero1/2/3, deepspeed.json")
 
 
 def _check_chart_path(path: Path | None) -> None:
@@ -382,6 +405,10 @@ def estimate_command(args: argparse.Namespace) -> int:
         from vramplan.render import write_grid_chart
 
         written.append(f"chart written to {write_grid_chart(result, args.chart)}")
+    if args.emit_launch is not None:
+        from vramplan.distributed.configs import write_launch_files
+
+        written += [f"launch file written to {path}" for path in write_launch_files(spec, args.emit_launch)]
     if args.json:
         _print_json(result.to_json())
     else:
@@ -390,6 +417,11 @@ def estimate_command(args: argparse.Namespace) -> int:
         from vramplan.render import render_estimate
 
         render_estimate(result, Console())
+        if result.distributed is not None:
+            from vramplan.distributed.view import distributed_view
+            from vramplan.render.grid import display_unit
+
+            Console().print(distributed_view(result, display_unit(result.gpu)))
     _say_written(args, written)
     return 0
 
@@ -404,7 +436,7 @@ def _compare_arguments(parser: argparse.ArgumentParser) -> None:
 def spec_grid(args: argparse.Namespace) -> list[tuple[str, dict]]:
     """Every combination of the listed values: (a label naming its varied flags, options)."""
     axes = []
-    for flag in SPEC_FLAGS:
+    for flag in SPEC_FLAGS + EXTRA_SPEC_FLAGS:
         occurrences = getattr(args, flag.name)
         if not occurrences:
             continue

@@ -103,6 +103,42 @@ class Attention(Choice):
     EAGER = "eager"
 
 
+class Strategy(Choice):
+    """How several GPUs share the work (vramplan/distributed/ counts each; accelerate launches it)."""
+
+    DDP = "ddp"        # torch DistributedDataParallel: everything replicated, plus gradient buckets
+    FSDP = "fsdp"      # torch FSDP (FSDP1, accelerate's default fsdp_version)
+    ZERO1 = "zero1"    # DeepSpeed ZeRO stage 1: optimizer states partitioned
+    ZERO2 = "zero2"    # + gradients partitioned
+    ZERO3 = "zero3"    # + parameters partitioned
+
+    @property
+    def is_deepspeed(self) -> bool:
+        return self in (Strategy.ZERO1, Strategy.ZERO2, Strategy.ZERO3)
+
+    @property
+    def shards_parameters(self) -> bool:
+        return self in (Strategy.FSDP, Strategy.ZERO3)
+
+
+class FsdpSharding(Choice):
+    """torch.distributed.fsdp.ShardingStrategy, as accelerate's fsdp_sharding_strategy names it."""
+
+    FULL_SHARD = "full-shard"          # params, grads, states sharded; params freed after forward
+    SHARD_GRAD_OP = "shard-grad-op"    # params kept unsharded from forward through backward
+    HYBRID_SHARD = "hybrid-shard"      # FULL_SHARD inside a node, replicated across nodes
+
+    @property
+    def torch_name(self) -> str:
+        return self.value.upper().replace("-", "_")
+
+
+class Offload(Choice):
+    NONE = "none"
+    OPTIMIZER = "optimizer"   # DeepSpeed offload_optimizer: fp32 master, states and their step on the CPU
+    PARAMS = "params"         # FSDP CPUOffload(offload_params=True) / ZeRO-3 offload_param (+ optimizer)
+
+
 class LoraTargets(Choice):
     ATTN = "attn"                      # to_q, to_k, to_v, to_out.0: the diffusers scripts' default
     ATTN_MLP = "attn-mlp"              # + the feed-forward Linears
@@ -151,12 +187,20 @@ class TrainingSpec:
     ema: bool = False
     gpu: Gpu | None = None
     num_gpus: int = 1
+    strategy: Strategy | None = None          # None: one process, no wrapper
+    fsdp_sharding: FsdpSharding | None = None
+    offload: Offload = Offload.NONE
     given: frozenset[str] = field(default=frozenset(), compare=False)  # what the user fixed
 
     @property
     def images_per_step(self) -> int:
         """Prior preservation concatenates as many class images as instance images."""
         return self.batch_size * (2 if self.prior_preservation else 1)
+
+    @property
+    def is_distributed(self) -> bool:
+        """Planned per GPU under a strategy (vramplan.distributed), not as one plain process."""
+        return self.strategy is not None
 
     @property
     def trains_text_encoder(self) -> bool:
@@ -258,7 +302,7 @@ def parse_layers(value) -> tuple[float, ...]:
 def build_spec(options: dict) -> TrainingSpec:
     """Resolve and validate what the user gave (keys: TrainingSpec field names, unset = absent)."""
     given = {k: v for k, v in options.items() if v is not None}
-    unknown = set(given) - {f.name for f in dataclasses.fields(TrainingSpec)} - {"gpu"}
+    unknown = set(given) - {f.name for f in dataclasses.fields(TrainingSpec)} - {"gpu", "gpus"}
     if unknown:
         raise UsageError(f"unknown setting(s): {', '.join(sorted(unknown))}")
 
@@ -337,8 +381,78 @@ def build_spec(options: dict) -> TrainingSpec:
         raise UsageError(f"{values['gpu'].name} has no bfloat16 support "
                          f"(compute capability {values['gpu'].compute_capability}): use fp16 or fp32")
     values["num_gpus"] = _int(given.get("num_gpus", 1), "--num-gpus")
+    if "gpus" in given:
+        from vramplan.distributed.cards import parse_gpus
+
+        if "gpu" in given or "num_gpus" in given:
+            raise UsageError("--gpus names both the card and how many (8xh100, 2x24GB): "
+                             "drop --gpu / --num-gpus")
+        values["gpu"], values["num_gpus"] = parse_gpus(given["gpus"])
+        if values["precision"].needs_bf16 and not values["gpu"].bf16:
+            raise UsageError(f"{values['gpu'].name} has no bfloat16 support "
+                             f"(compute capability {values['gpu'].compute_capability}): use fp16 or fp32")
+    _check_distributed(values, given)
     values["given"] = frozenset(given)
     return TrainingSpec(**values)
+
+
+def _check_distributed(values: dict, given: dict) -> None:
+    """--strategy, --fsdp-sharding, --offload: defaults, and the combinations no engine runs.
+
+    Sources for each refusal: accelerate 1.x `Accelerator.prepare` ("You can't use same
+    `Accelerator()` instance with multiple models when using DeepSpeed"); DeepSpeed's zero config
+    (`offload_param` is valid only with stage 3); torch FSDP1's CPUOffload moves parameters and
+    gradients together and runs the optimizer on the CPU (no optimizer-only offload).
+    """
+    method, gpus = values["method"], values["num_gpus"]
+    offload = Offload.parse(given.get("offload", "none"), "--offload")
+    strategy = Strategy.parse(given["strategy"], "--strategy") if "strategy" in given else None
+    if strategy is None and gpus > 1:
+        strategy = Strategy.DDP   # what `accelerate launch --multi_gpu` runs unless told otherwise
+    if strategy is None and offload is not Offload.NONE:
+        raise UsageError(f"--offload {offload.value} needs a sharding strategy: --strategy zero1, "
+                         f"zero2, zero3 or fsdp")
+    sharding = None
+    if "fsdp_sharding" in given:
+        if strategy is not Strategy.FSDP:
+            raise UsageError(f"--fsdp-sharding applies to --strategy fsdp, not "
+                             f"{strategy.value if strategy else 'a single GPU'}")
+        sharding = FsdpSharding.parse(given["fsdp_sharding"], "--fsdp-sharding")
+    elif strategy is Strategy.FSDP:
+        sharding = FsdpSharding.FULL_SHARD
+    if strategy is not None:
+        where = f"--strategy {strategy.value}"
+        if strategy.shards_parameters and method is Method.TEXTUAL_INVERSION:
+            raise UsageError(f"{where} shards parameters, which makes no sense for textual-inversion: "
+                             f"it trains a few embedding rows and writes into the whole embedding "
+                             f"each step; use ddp, zero1 or zero2")
+        if strategy.shards_parameters and values["base_quant"] is not BaseQuant.NONE:
+            raise UsageError(f"{where} cannot shard a bitsandbytes-quantized base (--base-quant "
+                             f"{values['base_quant'].value}); use ddp, zero1 or zero2")
+        if strategy.is_deepspeed:
+            if values["train_text_encoder"]:
+                raise UsageError(f"{where}: accelerate prepares one model per run under DeepSpeed, "
+                                 f"so --train-text-encoder (a second trained model) cannot run; "
+                                 f"use ddp or fsdp")
+            if values["precision"] in (Precision.FP16_PURE, Precision.BF16_PURE):
+                raise UsageError(f"{where} keeps fp32 master weights of 16-bit models: use "
+                                 f"--precision fp16 or bf16 (or fp32), not "
+                                 f"{values['precision'].value}")
+        if offload is not Offload.NONE:
+            if strategy is Strategy.DDP:
+                raise UsageError("--offload needs a sharding strategy (zero1, zero2, zero3, fsdp), "
+                                 "not ddp")
+            if offload is Offload.PARAMS and strategy in (Strategy.ZERO1, Strategy.ZERO2):
+                raise UsageError("DeepSpeed offloads parameters only at stage 3: use --strategy "
+                                 "zero3 or fsdp with --offload params, or --offload optimizer")
+            if offload is Offload.OPTIMIZER and strategy is Strategy.FSDP:
+                raise UsageError("FSDP offloads parameters and gradients together and then steps "
+                                 "the optimizer on the CPU: use --offload params with fsdp")
+            if values["optimizer"] is not Optimizer.ADAMW:
+                raise UsageError(f"--offload runs the optimizer step on the CPU, which vramplan "
+                                 f"plans for --optimizer adamw only (DeepSpeedCPUAdam / torch "
+                                 f"AdamW), not {values['optimizer'].value}")
+    values["strategy"], values["fsdp_sharding"], values["offload"] = strategy, sharding, offload
 
 
 def spec_from_json(data: dict) -> TrainingSpec:

@@ -21,6 +21,10 @@ def component_parameters(spec: TrainingSpec, inventories: dict) -> dict:
 
 
 def run_estimate(spec: TrainingSpec) -> Estimate:
+    if spec.is_distributed:
+        from vramplan.distributed.plan import estimate_distributed
+
+        return estimate_distributed(spec)
     inventories = load_model_inventories(spec.model)
     method = get_method(spec.method)
     timeline = build_timeline(spec, inventories)

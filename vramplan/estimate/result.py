@@ -16,6 +16,7 @@ class Estimate:
     footprint: Footprint
     adapter_file_bytes: int | None = None
     notes: tuple = ()           # assumptions and provisional figures, one line each
+    distributed: object | None = None   # vramplan.distributed.plan.DistributedPlan: per GPU, host RAM
 
     @property
     def gpu(self) -> Gpu | None:
@@ -55,6 +56,10 @@ class Estimate:
         }
         if self.adapter_file_bytes is not None:
             out["adapter_file_bytes"] = self.adapter_file_bytes
+        if self.distributed is not None:
+            # the totals above are one GPU's already; these say how the GPUs share the work
+            out["per_gpu"] = self.distributed.per_gpu_json(self)
+            out["host"] = self.distributed.host.to_json()
         return out
 
 

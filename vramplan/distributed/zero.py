@@ -1,0 +1,286 @@
+"""DeepSpeed ZeRO stages 1, 2 and 3 (DeepSpeed 0.19, as accelerate launches it) on one rank.
+
+Under DeepSpeed accelerate runs no autocast (`Accelerator.__init__`: native_amp is off for
+DistributedType.DEEPSPEED) and the engine casts the model to the config's 16-bit dtype
+(`fp16.enabled` / `bf16.enabled`, set from --precision): the forward and backward are those of
+a pure 16-bit model, so the timeline is the analytic tier's "pure" one. The optimizer keeps
+fp32 master weights and its states on fp32 partitions: the ZeRO paper's 2Ψ (16-bit params) +
+2Ψ (16-bit grads) + 12Ψ (fp32 master 4 + Adam momentum 4 + variance 4), divided by N where the
+stage partitions it. What DeepSpeed allocates on top, from deepspeed/runtime/zero/:
+
+stage_1_and_2.py (`DeepSpeedZeroOptimizer`):
+  * `bit16_groups_flat`: the trained parameters flattened into one 16-bit buffer, padded to a
+    multiple of `nccl_start_alignment_factor` (2) x world size; the parameters become views of it.
+  * `single_partition_of_fp32_groups`: the fp32 master of this rank's partition (numel / N).
+  * `setup_buckets`: with contiguous_gradients (default) an ipg bucket of `reduce_bucket_size`
+    elements in the 16-bit dtype, two when `overlap_comm` (default off below stage 3).
+  * stage 2 (`reduce_independent_p_g_buckets_and_remove_grads`): each gradient is copied into the
+    bucket as soon as autograd produces it and the parameter's own storage is dropped; reduced
+    partitions land in `grads_in_partition` (16-bit, numel / N). Stage 1 keeps full gradients.
+  * `step`: `single_grad_partition = flat_grad_partition.to(fp32)` -- an fp32 copy of this rank's
+    gradient partition while the optimizer steps (the "4_grads_32bit" of the estimator).
+  * offload_optimizer=cpu: master, states and that fp32 gradient live on the CPU, pinned
+    (`cpu_offload_pin_memory`), the step runs there (DeepSpeedCPUAdam); no gradient partition on
+    the GPU.
+stage3.py (`DeepSpeedZeroOptimizer_Stage3`) and partitioned_param_coordinator.py:
+  * every parameter of the model is partitioned (`ds_tensor`, ceil(numel / N) elements); the
+    trained ones are defragmented into one flat 16-bit buffer.
+  * parameters are gathered per submodule just before it runs and released after it, except
+    "persistent" ones (numel <= `stage3_param_persistence_threshold`, 1e5), which stay gathered
+    once fetched. After the first step the trace is complete and two rules apply
+    (`__params_to_release`, `fetch_sub_module`): a parameter is not released if it is used again
+    within `stage3_max_reuse_distance` (1e9) elements of the trace -- in forward, the way back
+    through backward -- and up to `stage3_prefetch_bucket_size` (5e7) elements of the modules
+    that come next are gathered ahead, within `stage3_max_live_parameters` (1e9).
+  * `grad_partitions_flat_buffer` (16-bit, numel / N, allocated at init) and one ipg bucket of
+    `reduce_bucket_size` elements (allocated at init) receive the gradients, which autograd
+    produces in full and the reduce hook drops after copying.
+  * fp32 master partitions and an fp32 copy of the gradient partition during the step, as above.
+  * offload_param=cpu keeps the 16-bit partitions on the CPU (pinned); offload_optimizer=cpu moves
+    master, states and the gradient partition buffer there.
+
+The numbers are DeepSpeed's defaults (deepspeed/runtime/zero/config.py), which vramplan's emitted
+JSON writes out explicitly (`configs.py`): accelerate's "auto" for the bucket sizes needs
+`model.config.hidden_size`, which diffusers models do not have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vramplan.distributed.fsdp import add_step
+from vramplan.distributed.rewrite import Rewriter, WEIGHTS, rounded
+from vramplan.estimate.optimizer import optimizer_state_tensors
+from vramplan.footprint import Category
+from vramplan.models.inventory import Inventory, numel
+from vramplan.spec import Offload, Strategy, TrainingSpec
+
+NCCL_START_ALIGNMENT_FACTOR = 2   # stage_1_and_2.py: "4-byte alignment/sizeof(fp16) = 2"
+
+
+@dataclass(frozen=True)
+class ZeroConfig:
+    """The zero_optimization values vramplan writes (DeepSpeed's own defaults)."""
+
+    reduce_bucket_size: int = 500_000_000
+    allgather_bucket_size: int = 500_000_000
+    contiguous_gradients: bool = True
+    prefetch_bucket_size: int = 50_000_000
+    param_persistence_threshold: int = 100_000
+    max_live_parameters: int = 1_000_000_000
+    max_reuse_distance: int = 1_000_000_000
+    sub_group_size: int = 1_000_000_000
+
+    def overlap_comm(self, stage: int) -> bool:
+        # config.py `overlap_comm_valid`: None -> True for stage 3 only
+        return stage == 3
+
+
+@dataclass
+class ZeroResult:
+    stage: int
+    trainable_numel: int
+    partition_numel: int            # this rank's share of the trained parameters
+    param_bytes: int                # 16-bit parameters resident on the GPU
+    grad_bytes: int                 # gradient partition / full gradients kept on the GPU
+    master_bytes: int
+    state_bytes: int
+    bucket_bytes: int               # ipg reduce bucket(s)
+    persistent_bytes: int = 0       # ZeRO-3 params that stay gathered
+    host_pinned_bytes: int = 0
+    host_state_bytes: int = 0
+    notes: list = field(default_factory=list)
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def zero_rewrite(rw: Rewriter, spec: TrainingSpec, component: str, inventory: Inventory,
+                 trained: list, model_itemsize: int, world: int, config: ZeroConfig = ZeroConfig()) -> ZeroResult:
+    """Rewrite the pure 16-bit (or fp32) single-GPU timeline into one rank's under ZeRO."""
+    stage = {Strategy.ZERO1: 1, Strategy.ZERO2: 2, Strategy.ZERO3: 3}[spec.strategy]
+    offload_opt = spec.offload in (Offload.OPTIMIZER, Offload.PARAMS)
+    offload_params = spec.offload is Offload.PARAMS
+    prefix = component + "."
+    trainable_numel = sum(t.numel for t in trained)
+    if stage < 3:
+        padded = round_up(trainable_numel, NCCL_START_ALIGNMENT_FACTOR * world)
+        partition = padded // world
+    else:
+        partition = sum(-(-t.numel // world) for t in trained)
+    result = ZeroResult(stage, trainable_numel, partition, 0, 0, 0, 0, 0)
+    trained_names = {prefix + t.name for t in trained}
+
+    # -- load ------------------------------------------------------------------------------------
+    if stage < 3:
+        dropped = rw.drop(lambda r: r.phase == "load" and r.module in trained_names and r.category in WEIGHTS)
+        at = min((r.alloc_at for r in dropped), default=rw.after(0))
+        rw.add(padded * model_itemsize, rw.after(at), None, Category.TRAINABLE_WEIGHTS, "load",
+               "zero_flat_params", component)
+        result.param_bytes = rounded(padded * model_itemsize) + sum(
+            r.nbytes for r in rw.records if r.phase == "load" and r.category in WEIGHTS and r.module.startswith(prefix))
+    else:
+        dropped = rw.drop(lambda r: r.phase == "load" and r.category in WEIGHTS and r.module.startswith(prefix))
+        at = min((r.alloc_at for r in dropped), default=rw.after(0))
+        frozen = [(n, numel(s)) for n, s in inventory.params if prefix + n not in trained_names]
+        part_bytes = rounded(partition * model_itemsize) + sum(rounded(-(-k // world) * model_itemsize)
+                                                               for _, k in frozen)
+        if not offload_params:
+            slot = rw.after(at)
+            rw.add(partition * model_itemsize, slot, None, Category.TRAINABLE_WEIGHTS, "load",
+                   "zero3_partitions", component)
+            for name, k in frozen:
+                rw.add(-(-k // world) * model_itemsize, slot, None, Category.FROZEN_WEIGHTS, "load",
+                       "zero3_partitions", prefix + name)
+            result.param_bytes = part_bytes
+        else:
+            result.host_pinned_bytes += part_bytes
+    master = partition * 4
+    if offload_opt:
+        result.host_pinned_bytes += rounded(master)
+    else:
+        rw.add(master, rw.after(at), None, Category.MASTER_WEIGHTS, "load", "zero_fp32_partition", component)
+        result.master_bytes = rounded(master)
+    bucket_count = 2 if (config.overlap_comm(stage) and stage < 3) else 1
+    bucket = config.reduce_bucket_size * model_itemsize
+    if stage == 3:
+        # ipg bucket and the gradient partition buffer are allocated when the optimizer is built
+        rw.add(bucket, rw.after(at), None, Category.GRADIENTS, "load", "zero_ipg_bucket", component)
+        if offload_opt:
+            result.host_pinned_bytes += rounded(partition * model_itemsize)
+        else:
+            rw.add(partition * model_itemsize, rw.after(at), None, Category.GRADIENTS, "load",
+                   "zero3_grad_partitions", component)
+            result.grad_bytes = rounded(partition * model_itemsize)
+    result.bucket_bytes = bucket_count * rounded(bucket)
+
+    # -- steps -----------------------------------------------------------------------------------
+    states = optimizer_state_tensors(spec.optimizer, [(partition,)], 4, spec.momentum)
+    result.state_bytes = sum(rounded(s.nbytes) for s in states if not s.on_host)
+    if offload_opt:
+        result.host_state_bytes = result.state_bytes
+        result.host_pinned_bytes += rounded(partition * 4)        # the fp32 gradient, pinned
+        result.state_bytes = 0
+    rw.drop(lambda r: r.category is Category.OPTIMIZER_STATES)
+    persisted: set = set()
+    for k, step in enumerate(rw.steps()):
+        bwd = rw.within(step.backward)
+        grads = [r for r in bwd if r.category is Category.GRADIENTS and r.module.startswith(prefix)]
+        first_grad = min((r.alloc_at for r in grads), default=step.backward[0])
+        opt_start, opt_end = step.optimizer
+        zero_grad = min((r.free_at for r in grads if r.free_at is not None), default=opt_end - 1)
+        if stage >= 2:
+            for r in grads:                       # copied into the ipg bucket, storage dropped
+                r.free_at = rw.after(r.alloc_at)
+        if stage < 3:
+            buckets = [rw.add(bucket, rw.before(first_grad), None, Category.GRADIENTS, step.prefix + "backward",
+                              "zero_ipg_bucket", component) for _ in range(bucket_count)]
+            for b in buckets:
+                b.free_at = zero_grad
+            if stage == 2 and not offload_opt:
+                part = rw.add(partition * model_itemsize, rw.after(first_grad), None, Category.GRADIENTS,
+                              step.prefix + "backward", "zero_grads_in_partition", component)
+                part.free_at = zero_grad
+                result.grad_bytes = rounded(partition * model_itemsize)
+            elif stage == 1:
+                result.grad_bytes = sum(r.nbytes for r in grads)
+        rw.drop(lambda r: opt_start <= r.alloc_at < opt_end and r.category is Category.TEMPORARIES
+                and r.op == "" and r.module == "")
+        if stage == 3:
+            _stage3_working_set(rw, step, k, component, inventory, trained, model_itemsize, world, config,
+                                result, persisted)
+        if offload_opt:
+            continue
+        phase = step.prefix + "optimizer"
+        fp32_grad = rw.add(partition * 4, rw.after(opt_start), None, Category.GRADIENTS, phase,
+                           "zero_fp32_grad_partition", component)
+        add_step(rw, spec, opt_start, phase, states if k == 0 else [], [(partition,)], 4)
+        fp32_grad.free_at = rw.after(opt_start)
+    return result
+
+
+def _fetch_units(inventory: Inventory, trained: list, component: str) -> dict[str, list[int]]:
+    """Submodule path (component-prefixed) -> numel of each parameter it owns directly."""
+    units: dict[str, list[int]] = {}
+    for m in inventory.modules:
+        units.setdefault(f"{component}.{m.name}", []).extend(numel(s) for _, s in m.param_shapes)
+    known = {n for n, _ in inventory.params}
+    for t in trained:
+        if t.name not in known:
+            units.setdefault(f"{component}.{t.name.rsplit('.', 1)[0]}", []).append(t.numel)
+    return units
+
+
+def _stage3_working_set(rw: Rewriter, step, k: int, component: str, inventory: Inventory, trained: list,
+                        itemsize: int, world: int, config: ZeroConfig, result: ZeroResult,
+                        persisted: set) -> None:
+    """Gathered parameters per submodule, with DeepSpeed's persistence, reuse and prefetch rules.
+
+    `persisted`: submodules whose persistent parameters are already gathered (kept across steps)."""
+    units = _fetch_units(inventory, trained, component)
+    threshold = config.param_persistence_threshold
+    small = {p: sum(n for n in ns if n <= threshold) for p, ns in units.items()}
+    large = {p: sum(n for n in ns if n > threshold) for p, ns in units.items()}
+    trained_paths = {f"{component}.{t.name.rsplit('.', 1)[0]}" for t in trained}
+    if k == 0:
+        result.persistent_bytes = sum(rounded(n * itemsize) for n in small.values() if n)
+
+    def spans(window):
+        found: dict[str, list[int]] = {}
+        for r in rw.within(window):
+            mod = r.module
+            while mod and mod not in units:
+                mod = mod.rpartition(".")[0]
+            if not mod:
+                continue
+            span = found.setdefault(mod, [r.alloc_at, r.alloc_at])
+            span[0], span[1] = min(span[0], r.alloc_at), max(span[1], r.alloc_at)
+        return found
+
+    fwd, bwd = spans(step.forward), spans(step.backward)
+    trace = [(p, "f", fwd[p]) for p in sorted(fwd, key=lambda p: fwd[p][0])] + \
+            [(p, "b", bwd[p]) for p in sorted(bwd, key=lambda p: bwd[p][0])]
+    complete = k > 0              # the trace is recorded during the first step
+    live: dict[str, object] = {}
+    phase = {"f": step.prefix + "forward", "b": step.prefix + "backward"}
+
+    def category(path: str) -> Category:
+        return Category.TRAINABLE_WEIGHTS if path in trained_paths else Category.FROZEN_WEIGHTS
+
+    def gather(path: str, at: int, ph: str) -> None:
+        if path not in persisted and small[path]:
+            rw.add(small[path] * itemsize, at, None, category(path), ph, "zero3_persistent", path)
+            persisted.add(path)
+        if path not in live and large[path]:
+            live[path] = rw.add(large[path] * itemsize, at, None, category(path), ph, "zero3_gathered", path)
+
+    for i, (path, kind, (first, last)) in enumerate(trace):
+        at = rw.before(first)
+        gather(path, at, phase[kind])
+        if complete and config.prefetch_bucket_size > 0:
+            budget = min(config.prefetch_bucket_size,
+                         config.max_live_parameters - sum(large[p] for p in live))
+            ahead = 0
+            for nxt, _, _ in trace[i + 1:]:
+                if ahead >= budget:
+                    break
+                if nxt not in live and large[nxt]:
+                    gather(nxt, at, phase[kind])
+                    ahead += large[nxt]
+        if path not in live:
+            continue
+        keep = False
+        if complete:
+            traversed = 0
+            for nxt, _, _ in trace[i + 1:]:
+                if traversed >= config.max_reuse_distance:
+                    break
+                if nxt == path:
+                    keep = True
+                    break
+                traversed += sum(units[nxt])
+        if not keep:
+            live.pop(path).free_at = rw.after(last)
+    for rec in live.values():
+        rec.free_at = rw.after(step.backward[1] - 1)
