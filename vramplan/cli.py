@@ -964,3 +964,211 @@ def validate_command(args: argparse.Namespace) -> int:
     for line in written:
         print(line, file=sys.stderr if to_stdout else sys.stdout)
     return 0
+
+
+# -- fit -----------------------------------------------------------------------------------------
+
+def _train_run_flags(parser: argparse.ArgumentParser, *, model_flag: str, required: bool) -> None:
+    """What a real run needs beyond the plan: weights, images, where to write, how long."""
+    group = parser.add_argument_group("training run" if required else "training run (with --train)")
+    group.add_argument(model_flag, dest="model_path", metavar="FOLDER", type=Path, required=required,
+                       help="the diffusers pipeline folder whose weights train (model_index.json, "
+                            "unet/, vae/, text_encoder/, tokenizer/ ...); no hub access")
+    group.add_argument("--data", metavar="FOLDER", type=Path, required=required,
+                       help="the training images (png, jpg, webp ...; subfolders too), each with an "
+                            "optional same-name .txt caption")
+    group.add_argument("--output", metavar="FOLDER", type=Path, required=required,
+                       help="where the run goes: checkpoints, vramplan-run.json, the result")
+    group.add_argument("--instance-prompt", metavar="TEXT",
+                       help="the prompt of images without a .txt caption (DreamBooth's instance prompt)")
+    group.add_argument("--class-data", metavar="FOLDER", type=Path,
+                       help="class images for prior preservation (dreambooth)")
+    group.add_argument("--class-prompt", metavar="TEXT", help="the prompt of the class images")
+    group.add_argument("--placeholder-token", metavar="TOKEN", default="<sks>",
+                       help="textual inversion: the new token (default: <sks>)")
+    group.add_argument("--initializer-token", metavar="WORD",
+                       help="textual inversion: start the new embedding from this word's (default: "
+                            "the mean embedding)")
+    group.add_argument("--steps", metavar="N", type=int, default=500,
+                       help="optimizer steps (default: 500)")
+    group.add_argument("--learning-rate", metavar="LR", type=float,
+                       help="learning rate (default: the step's, 1e-4 as the diffusers scripts)")
+    group.add_argument("--seed", metavar="N", type=int, default=0, help="random seed (default: 0)")
+    group.add_argument("--checkpoint-every", metavar="N", type=int, default=250,
+                       help="write a checkpoint every N steps, 0 for never (default: 250)")
+    group.add_argument("--keep-checkpoints", metavar="N", type=int, default=2,
+                       help="keep the newest N checkpoints, 0 for all (default: 2)")
+    group.add_argument("--resume", action="store_true",
+                       help="continue the run in --output from its last checkpoint")
+    group.add_argument("--overwrite", action="store_true",
+                       help="start again where --output already holds a run (deletes it)")
+    group.add_argument("--save-format", choices=("diffusers", "kohya"), default="diffusers",
+                       help="adapter file format: diffusers (default; load_lora_weights) or kohya "
+                            "(lora_unet_... keys, AUTOMATIC1111 / ComfyUI)")
+    group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="auto (default): CUDA when there is one, else the CPU")
+    group.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _train_options(args: argparse.Namespace):
+    from vramplan.train import TrainOptions
+
+    missing = [flag for flag, value in (("--model-path", args.model_path), ("--data", args.data),
+                                        ("--output", args.output)) if value is None]
+    if missing:
+        raise UsageError(f"--train needs {', '.join(missing)}")
+    return TrainOptions(model_path=args.model_path, data=args.data, output=args.output, steps=args.steps,
+                        instance_prompt=args.instance_prompt, class_data=args.class_data,
+                        class_prompt=args.class_prompt, placeholder_token=args.placeholder_token,
+                        initializer_token=args.initializer_token, learning_rate=args.learning_rate,
+                        seed=args.seed, checkpoint_every=args.checkpoint_every,
+                        keep_checkpoints=args.keep_checkpoints, resume=args.resume, overwrite=args.overwrite,
+                        save_format=args.save_format, device=args.device, progress=not args.quiet)
+
+
+def _fraction(text: str, flag: str) -> float:
+    """"5%" or "0.05" -> 0.05."""
+    raw = str(text).strip()
+    try:
+        value = float(raw.rstrip("%")) / (100 if raw.endswith("%") else 1)
+    except ValueError:
+        raise UsageError(f"{flag}: {text!r} is not a fraction (0.05) or a percentage (5%)") from None
+    return value
+
+
+PLAN_FIXED = frozenset({"model", "method", "lora_targets", "lokr_factor", "num_vectors", "hypernetwork_layers",
+                        "prior_preservation", "train_text_encoder", "ema", "alpha", "gpu", "num_gpus"})
+
+
+def _fit_arguments(parser: argparse.ArgumentParser) -> None:
+    add_spec_flags(parser)
+    group = parser.add_argument_group("search")
+    group.add_argument("--effective-batch", metavar="N", type=int,
+                       help="images per optimizer step to keep; fit splits them into per-step batch "
+                            "x gradient accumulation (default: --batch-size x "
+                            "--gradient-accumulation-steps, i.e. 1)")
+    group.add_argument("--min-rank", metavar="R", type=int,
+                       help="lowest rank fit may choose (default: 4, or --rank when it is given)")
+    group.add_argument("--min-resolution", metavar="N", type=int,
+                       help="allow lowering the resolution down to N pixels (default: never)")
+    group.add_argument("--prefer", metavar="ORDER",
+                       help="the objective: quality (default: no quantization, higher rank, larger "
+                            "per-step batch, no checkpointing, in that order), speed (batch and "
+                            "checkpointing first), or a comma list of resolution, precision, quant, "
+                            "rank, optimizer, batch, checkpointing, cache-latents, cache-text, "
+                            "attention to put first")
+    group.add_argument("--top", metavar="N", type=int, default=5,
+                       help="list at most N plans (default: 5)")
+    group.add_argument("--margin", metavar="PCT",
+                       help="safety margin below the card, e.g. 5%% (default: the estimator's "
+                            "measured error band, 3%% until GPU profiles exist)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--json", action="store_true",
+                     help="print the chosen plan as TrainingSpec JSON (what --plan takes) and nothing else")
+    out.add_argument("--emit", choices=("diffusers", "kohya", "accelerate"),
+                     help="print the chosen plan as the diffusers example script's command line, "
+                          "kohya sd-scripts' command line, or an accelerate config YAML")
+    out.add_argument("--train", action="store_true", help="then train with the chosen plan")
+    _train_run_flags(parser, model_flag="--model-path", required=False)
+
+
+@command("fit", "the best settings that fit a card, searched with the estimate",
+         arguments=_fit_arguments,
+         examples=(
+             "vramplan fit --model sdxl --method lora --gpu 8GB",
+             "vramplan fit --model sd15 --method dreambooth --gpu 12GB --json > plan.json",
+             "vramplan fit --model flux-dev --method lora --gpu 24GB --min-rank 16 --resolution 1024",
+             "vramplan fit --model sd15 --method lora --gpu 8GB --emit diffusers",
+             "vramplan fit --model sd15 --method lora --gpu 8GB --train --model-path ./my-sd15 "
+             "--data ./photos --output ./run",
+         ))
+def fit_command(args: argparse.Namespace) -> int:
+    """Search batch size (keeping the effective batch), gradient checkpointing, precision,
+    optimizer, latent and text-embedding caching, base quantization and rank (and resolution
+    with --min-resolution) for the best plans that fit --gpu with a safety margin. Flags you
+    give are kept as they are. Exit status 1 when nothing fits, with what makes it impossible."""
+    from vramplan.fit import fit_request, search
+    from vramplan.fit.emit import Paths, emit
+
+    if args.json and args.emit:
+        raise UsageError("--json and --emit both print the plan: give one of them")
+    plan = read_plan(args.plan) if args.plan is not None else None
+    flags = given_options(args)
+    spec = resolve_spec(flags, plan, args.plan)
+    if plan is not None:
+        import dataclasses
+
+        # A plan's memory knobs are where the search starts, not constraints: only the flags
+        # typed here and what defines the training (model, method, what it trains) stay fixed.
+        spec = dataclasses.replace(spec, given=frozenset(flags) | (spec.given & PLAN_FIXED))
+    request = fit_request(spec, effective_batch=args.effective_batch, min_rank=args.min_rank,
+                          min_resolution=args.min_resolution, prefer=args.prefer, top=args.top,
+                          margin=None if args.margin is None else _fraction(args.margin, "--margin"))
+    options = _train_options(args) if args.train else None
+    if options is not None:
+        # the run's inputs are checked before the search, so a typo fails in a second
+        from vramplan.train.inputs import check_data, check_model, check_output
+
+        options.check()
+        check_model(spec, options.model_path)
+        check_data(spec, options)
+        check_output(spec, options)
+    result = search(request)
+    if args.json:
+        if result.fits:
+            _print_json(result.best.spec.to_json())
+        else:
+            _print_json(result.to_json())
+    elif args.emit:
+        if result.fits:
+            paths = Paths(model=None if args.model_path is None else str(args.model_path),
+                          data=str(args.data or "./data"), output=str(args.output or "./output"),
+                          class_data=str(args.class_data or "./class_data"),
+                          instance_prompt=args.instance_prompt or Paths.instance_prompt,
+                          class_prompt=args.class_prompt or Paths.class_prompt, steps=args.steps)
+            sys.stdout.write(emit(result.best.spec, args.emit, paths))
+        else:
+            print(f"vramplan: nothing fits {spec.gpu.name}: run without --emit to see why", file=sys.stderr)
+    else:
+        from rich.console import Console
+
+        from vramplan.render.plans import render_fit
+
+        render_fit(result, Console())
+    if not result.fits:
+        return 1
+    if options is not None:
+        from vramplan.train import train
+
+        train(result.best.spec, options)
+    return 0
+
+
+# -- train ---------------------------------------------------------------------------------------
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plan", metavar="FILE", type=Path, required=True,
+                        help="the plan to run: TrainingSpec JSON from 'vramplan fit --json' or "
+                             "'vramplan estimate --json'")
+    _train_run_flags(parser, model_flag="--model", required=True)
+
+
+@command("train", "run a plan: a real fine-tune on a local pipeline and a folder of images",
+         arguments=_train_arguments,
+         examples=(
+             "vramplan train --plan plan.json --model ./my-sd15 --data ./photos --output ./run",
+             "vramplan train --plan plan.json --model ./my-sd15 --data ./photos --output ./run --resume",
+             "accelerate launch -m vramplan train --plan plan.json --model ./my-sdxl --data ./photos "
+             "--output ./run",
+         ))
+def train_command(args: argparse.Namespace) -> int:
+    """Fine-tune with the plan's settings and the step every tier shares, on CUDA when there is
+    one: progress with loss, speed, ETA and memory; checkpoints every --checkpoint-every steps
+    (--resume continues); at the end the predicted and the measured peak, and the result saved
+    as diffusers loads it (LoRA / LoHa / LoKr weights, textual-inversion embeddings, or the
+    pipeline folder of a full fine-tune)."""
+    spec = resolve_spec({}, read_plan(args.plan), args.plan)
+    from vramplan.train import train
+
+    train(spec, _train_options(args))
+    return 0

@@ -86,7 +86,11 @@ class BuiltStep:
         return batch
 
     # -- the step ---------------------------------------------------------------------------
-    def run_step(self, batch: Batch | None = None, hook: Hook | None = None) -> torch.Tensor:
+    def run_step(self, batch: Batch | None = None, hook: Hook | None = None, *,
+                 update: bool = True, accumulation: int = 1) -> torch.Tensor:
+        """One micro-step. Gradient accumulation (train): the loss is divided by `accumulation`
+        and, with `update=False`, the step ends after backward, leaving gradients to sum into
+        the next micro-step's, as accelerate's `accumulate()` does; the last one updates."""
         hook = hook or (lambda phase: None)
         spec, model = self.spec, self.spec.model
         family = family_of(model)
@@ -127,10 +131,14 @@ class BuiltStep:
         del pred, target
 
         hook("backward")
+        scaled = loss / accumulation if accumulation != 1 else loss
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
+            self.scaler.scale(scaled).backward()
         else:
-            loss.backward()
+            scaled.backward()
+        del scaled
+        if not update:
+            return loss.detach()
 
         hook("optimizer")
         if self.scaler is not None:

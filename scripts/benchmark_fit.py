@@ -1,0 +1,109 @@
+"""How long `vramplan fit` takes to search, on the three cases issue 5 names.
+
+    python scripts/benchmark_fit.py [--repeat 3] [--json]
+
+Each case is searched in a fresh process (what a user's `vramplan fit` pays: imports, the
+catalog's traces read from disk, then the search) and again in the same process with the
+estimate cache cleared (the search alone, traces already loaded). Reported per case: wall time,
+estimate() calls, candidates decided without one, the plans found, and the share of the time
+spent inside estimate().
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CASES = {
+    "sd15 lora 8GB": {"model": "sd15", "method": "lora", "gpu": "8GB"},
+    "sdxl lora 8GB": {"model": "sdxl", "method": "lora", "gpu": "8GB"},
+    "sd15 dreambooth 12GB": {"model": "sd15", "method": "dreambooth", "gpu": "12GB"},
+}
+
+CHILD = r"""
+import json, sys, time
+start = time.perf_counter()
+from vramplan.spec import build_spec
+from vramplan.fit import fit_request, search
+result = search(fit_request(build_spec(json.loads(sys.argv[1]))))
+print(json.dumps({"seconds": time.perf_counter() - start, "search_seconds": result.seconds,
+                  "estimates": result.estimates, "fits": result.fits}))
+"""
+
+
+def cold(options: dict) -> dict:
+    """One search in a fresh interpreter: imports and trace loading included."""
+    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(options)], check=True, capture_output=True,
+                         text=True, cwd=Path(__file__).resolve().parents[1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def warm(options: dict) -> dict:
+    """The search alone: traces loaded, the estimate cache empty; time inside estimate()."""
+    import vramplan.estimate
+    import vramplan.fit.walk as walk
+    from vramplan.fit import fit_request, search
+    from vramplan.spec import build_spec
+
+    search(fit_request(build_spec(options)))          # load the model's traces once
+    walk.clear_cache()
+    inside = []
+
+    def timed(spec):
+        start = time.perf_counter()
+        try:
+            return vramplan.estimate.estimate(spec)
+        finally:
+            inside.append(time.perf_counter() - start)
+
+    start = time.perf_counter()
+    result = search(fit_request(build_spec(options)), estimator=timed)
+    seconds = time.perf_counter() - start
+    walk.clear_cache()
+    return {"seconds": seconds, "estimates": result.estimates, "decided_free": result.decided_free,
+            "in_estimate": sum(inside), "per_estimate": statistics.mean(inside) if inside else 0.0,
+            "plans": [" ".join(p.labels) for p in result.plans], "fits": result.fits,
+            "notes": list(result.notes)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per case; the median is reported")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args(argv)
+    rows = {}
+    for name, options in CASES.items():
+        colds = [cold(options) for _ in range(args.repeat)]
+        warms = [warm(options) for _ in range(args.repeat)]
+        rows[name] = {
+            "cold_seconds": statistics.median(c["seconds"] for c in colds),
+            "warm_seconds": statistics.median(w["seconds"] for w in warms),
+            "estimates": warms[0]["estimates"], "decided_free": warms[0]["decided_free"],
+            "per_estimate_seconds": statistics.median(w["per_estimate"] for w in warms),
+            "share_in_estimate": statistics.median(w["in_estimate"] / w["seconds"] for w in warms),
+            "fits": warms[0]["fits"], "plans": warms[0]["plans"], "notes": warms[0]["notes"],
+        }
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'case':24} {'cold s':>7} {'search s':>9} {'estimates':>10} {'free':>5} {'s/estimate':>11} "
+          f"{'in estimate':>12}")
+    for name, row in rows.items():
+        print(f"{name:24} {row['cold_seconds']:7.2f} {row['warm_seconds']:9.2f} {row['estimates']:10d} "
+              f"{row['decided_free']:5d} {row['per_estimate_seconds']:11.3f} {100 * row['share_in_estimate']:11.0f}%")
+    for name, row in rows.items():
+        print(f"\n{name}: {len(row['plans'])} plan(s)" + ("" if row["fits"] else " (nothing fits)"))
+        for plan in row["plans"]:
+            print(f"  {plan}")
+        for note in row["notes"]:
+            print(f"  note: {note}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,421 @@
+"""Find the best plans that fit: a branch-and-bound walk of the space in order of preference.
+
+Plans are ordered lexicographically by the axes (`space.py`), each axis's values best first. The
+walk visits that order depth first and never enumerates blindly, because one `estimate` costs
+0.1-0.7 s. At each subtree (some axes chosen, the rest free) it asks two questions:
+
+  * does the subtree's best completion (every free axis at its best value) fit? Then that plan is
+    the subtree's first in order, and every other plan in the subtree is no better on any axis,
+    so it is recorded and the subtree is done;
+  * does the subtree's cheapest completion (every free axis at its least-memory value) fit? If
+    not, nothing in the subtree fits (memory is monotone along each axis: a bigger batch, rank or
+    resolution never needs less, checkpointing, caching and quantization never more).
+
+Plans listed are those no earlier plan beats or equals on every axis (each is a real trade-off:
+better somewhere, worse elsewhere), so the table shows the frontier, best first. Answers are
+cached by spec; candidates already decided by memory order (at least as hungry as one that failed,
+no hungrier than one that fit) cost nothing; a static bound (weights, optimizer states and
+gradients, alive together at the end of every backward) rejects hopeless candidates without an
+estimate. Once a plan is listed, a later one must beat it on some axis: before a candidate is
+estimated, the values it hopes for are probed with every other free axis at its cheapest (see
+`_Search._probes_fit`), and one failed probe rules out the whole family of such trade-offs.
+
+Measured (scripts/benchmark_fit.py): one estimate when the best plan fits outright; SD 1.5
+DreamBooth on 12 GB in 5; SDXL LoRA on 8 GB, where little fits, in about 19 -- each SDXL
+estimate costs 0.6-0.9 s, which dominates the search.
+
+A plan fits when its device use plus the safety margin is within the card. With gradient
+accumulation the gradients also stay alive between micro-steps, through the next forward, which
+`estimate` (one step) does not count: fit adds them, so that a plan never fits only on paper.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from vramplan.errors import UsageError
+from vramplan.estimate.optimizer import optimizer_state_tensors
+from vramplan.estimate.overheads import cublas_workspace_bytes, cuda_context_bytes
+from vramplan.estimate.result import Estimate
+from vramplan.estimate.weights import weight_tensors
+from vramplan.fit.margin import SafetyMargin, safety_margin
+from vramplan.fit.space import Axis, FitRequest, apply_values, search_axes
+from vramplan.gpus import CATALOG, Gpu
+from vramplan.methods import get_method
+from vramplan.models.inventory import load_model_inventories
+from vramplan.precision import ITEMSIZE, trainable_dtype
+from vramplan.spec import Attention, TrainingSpec
+
+Estimator = Callable[[TrainingSpec], Estimate]
+
+
+@dataclass(frozen=True)
+class Plan:
+    spec: TrainingSpec
+    estimate: Estimate
+    labels: tuple[str, ...]          # each axis's value, as the table shows it
+    accumulation_bytes: int          # gradients kept between micro-steps (not in the estimate)
+    required_bytes: int              # (device used + accumulation) * (1 + margin)
+    choice: tuple[int, ...] = ()     # each axis's value index (0 = the axis's best)
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.spec.gpu.memory_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        return self.estimate.footprint.device_used_bytes + self.accumulation_bytes
+
+    @property
+    def headroom_bytes(self) -> int:
+        """Free after the margin; negative: the shortfall."""
+        return self.capacity_bytes - self.required_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.headroom_bytes >= 0
+
+    def to_json(self) -> dict:
+        return {"spec": self.spec.to_json(), "device_used_bytes": self.estimate.footprint.device_used_bytes,
+                "accumulation_bytes": self.accumulation_bytes, "required_bytes": self.required_bytes,
+                "headroom_bytes": self.headroom_bytes, "fits": self.fits}
+
+
+@dataclass(frozen=True)
+class Blocker:
+    """One of the user's constraints, and what relaxing it would give."""
+
+    constraint: str                  # "--rank 128"
+    relaxed: str                     # "--rank 4"
+    required_bytes: int
+    fits: bool
+
+
+@dataclass(frozen=True)
+class FitResult:
+    request: FitRequest
+    axes: tuple[Axis, ...]
+    margin: SafetyMargin
+    plans: tuple[Plan, ...]          # best first; empty when nothing fits
+    closest: Plan | None = None      # nothing fits: the plan with the least memory
+    blockers: tuple[Blocker, ...] = ()
+    smallest_card: Gpu | None = None  # nothing fits: the smallest catalog card the closest plan fits
+    estimates: int = 0               # estimate() calls made
+    decided_free: int = 0            # candidates decided without one
+    seconds: float = 0.0
+    notes: tuple[str, ...] = ()
+
+    @property
+    def best(self) -> Plan | None:
+        return self.plans[0] if self.plans else None
+
+    @property
+    def fits(self) -> bool:
+        return bool(self.plans)
+
+    @property
+    def varied(self) -> list[int]:
+        """Indexes of the axes fit was free to choose."""
+        return [i for i, axis in enumerate(self.axes) if len(axis.values) > 1]
+
+    def to_json(self) -> dict:
+        out = {"fits": self.fits, "margin": self.margin.fraction, "margin_source": self.margin.source,
+               "prefer": [c.value for c in self.request.prefer],
+               "plans": [p.to_json() for p in self.plans], "estimates": self.estimates,
+               "seconds": round(self.seconds, 3), "notes": list(self.notes)}
+        if self.closest is not None:
+            out["closest"] = self.closest.to_json()
+            out["shortfall_bytes"] = -self.closest.headroom_bytes
+            out["blockers"] = [{"constraint": b.constraint, "relaxed": b.relaxed,
+                                "required_bytes": b.required_bytes, "fits": b.fits} for b in self.blockers]
+            out["smallest_card"] = None if self.smallest_card is None else self.smallest_card.key
+        return out
+
+
+# -- evaluation, cached ----------------------------------------------------------------------------
+
+_ESTIMATES: dict[str, Estimate] = {}
+
+
+def clear_cache() -> None:
+    _ESTIMATES.clear()
+
+
+def _key(spec: TrainingSpec) -> str:
+    return json.dumps(spec.to_json(), sort_keys=True)
+
+
+def _default_estimator(spec: TrainingSpec) -> Estimate:
+    import vramplan.estimate
+
+    return vramplan.estimate.estimate(spec)
+
+
+def static_bytes(spec: TrainingSpec, inventories: dict) -> int:
+    """A lower bound of device used that needs no step replay: what is alive together when the
+    second step's backward has made its last gradient -- resident weights, the optimizer states
+    of the first step, every gradient -- plus one cuBLAS workspace and the CUDA context."""
+    weights = sum(t.nbytes for t in weight_tensors(spec, inventories))
+    trained = get_method(spec.method).trainable_tensors(spec, inventories)
+    itemsize = ITEMSIZE[trainable_dtype(spec)]
+    shapes = [t.shape for ts in trained.values() for t in ts]
+    zeros = [t.zero_init for ts in trained.values() for t in ts]
+    states = optimizer_state_tensors(spec.optimizer, shapes, itemsize, spec.momentum, zero_params=zeros)
+    gradients = sum(t.numel for ts in trained.values() for t in ts) * itemsize
+    return (weights + sum(s.nbytes for s in states if not s.on_host) + gradients
+            + cublas_workspace_bytes(spec.gpu) + cuda_context_bytes(spec.gpu))
+
+
+def accumulation_bytes(spec: TrainingSpec, inventories: dict) -> int:
+    """Gradients alive between micro-steps under gradient accumulation (zero without it)."""
+    if spec.gradient_accumulation_steps <= 1:
+        return 0
+    trained = get_method(spec.method).trainable(spec, inventories)
+    return sum(trained.values()) * ITEMSIZE[trainable_dtype(spec)]
+
+
+class _Search:
+    def __init__(self, request: FitRequest, axes: list[Axis], margin: SafetyMargin, estimator: Estimator):
+        self.request, self.axes, self.margin, self.estimator = request, axes, margin, estimator
+        self.capacity = request.gpu.memory_bytes
+        self.inventories = load_model_inventories(request.spec.model)
+        self.fit_raw: dict[tuple, bool] = {}     # choice -> fits, device use alone
+        self.failed: list[tuple] = []            # choices that failed by device use alone
+        self.fitting: list[tuple] = []
+        self.plans: list[tuple[tuple, Plan]] = []
+        self.estimates = 0
+        self.decided_free = 0
+        self.unavailable: dict[str, TrainingSpec] = {}   # why a candidate could not be estimated
+        self.banned: set[tuple[int, int]] = set()        # (axis, value) the estimate cannot count
+
+    # -- one candidate -----------------------------------------------------------------------
+    def spec(self, choice: tuple) -> TrainingSpec:
+        return apply_values(self.request, self.axes, choice)
+
+    def estimate(self, spec: TrainingSpec) -> Estimate | None:
+        """The estimate, or None where the analytic tier cannot count this spec (a trace not
+        recorded for it): such a candidate is never listed, and never prunes others."""
+        key = _key(spec)
+        if key in _ESTIMATES:
+            return _ESTIMATES[key]
+        self.estimates += 1
+        try:
+            result = self.estimator(spec)
+        except UsageError as error:
+            self.unavailable.setdefault(str(error), spec)
+            self._ban(spec, str(error))
+            result = None
+        _ESTIMATES[key] = result
+        return result
+
+    def _ban(self, spec: TrainingSpec, message: str) -> None:
+        """A missing recorded trace names the variant it was for ("unet.amp-frozen-nf4.sdpa"):
+        the axis values that select that variant are left out of the rest of the walk."""
+        found = re.search(r"trace \S+?/(\S+?)\.(sdpa|eager)\b", message)
+        if not found:
+            return
+        variant, attention = found.groups()
+        for i, axis in enumerate(self.axes):
+            for j, values in enumerate(axis.values):
+                if j == 0 or any(getattr(spec, k) != v for k, v in values.items()):
+                    continue
+                quant = values.get("base_quant")
+                precision = values.get("precision")
+                if (quant is not None and f"-{quant.value}" in variant
+                        or precision is not None and precision.value.endswith("-pure") and "pure" in variant
+                        or values.get("attention") is Attention.EAGER and attention == "eager"):
+                    self.banned.add((i, j))
+
+    def allowed(self, axis_index: int, value: int) -> bool:
+        return (axis_index, value) not in self.banned
+
+    def _no_hungrier(self, a: tuple, b: tuple) -> bool:
+        """Candidate a never needs more memory than b, axis by axis."""
+        return all(axis.never_more(x, y) for axis, x, y in zip(self.axes, a, b))
+
+    def fits_raw(self, choice: tuple, prefix: tuple | None = None) -> bool:
+        """Does the candidate's device use (plus the margin) fit, accumulation aside?"""
+        known = self.fit_raw.get(choice)
+        if known is not None:
+            return known
+        if any(self._no_hungrier(f, choice) for f in self.failed) or (
+                prefix is not None and not self._probes_fit(choice, prefix)):
+            result = False
+            self.decided_free += 1
+        elif any(self._no_hungrier(choice, g) for g in self.fitting):
+            result = True
+            self.decided_free += 1
+        else:
+            spec = self.spec(choice)
+            if self.margin.required(static_bytes(spec, self.inventories)) > self.capacity:
+                result = False
+                self.decided_free += 1
+            else:
+                estimate = self.estimate(spec)
+                if estimate is None:
+                    return True  # unknown: it may fit, so it prunes nothing
+                result = self.margin.required(estimate.footprint.device_used_bytes) <= self.capacity
+        self.fit_raw[choice] = result
+        (self.fitting if result else self.failed).append(choice)
+        return result
+
+    def _probes_fit(self, choice: tuple, prefix: tuple) -> bool:
+        """Once plans are listed, a new one must beat each of them on some axis. For each axis
+        where this candidate does, first try that value with every other free axis at its
+        cheapest -- free of the walk's prefix first (the most general bound, shared by every
+        candidate hoping for that value), then keeping the prefix's choices one axis at a time.
+        If a probe fails, so does the candidate: memory grows along each axis. One failed probe
+        rules out a whole family of trade-offs, where estimating each member would cost one call."""
+        if not self.plans:
+            return True
+        hopes = [i for i, axis in enumerate(self.axes)
+                 if choice[i] != axis.cheapest and any(found[i] > choice[i] for found, _ in self.plans)]
+        if not hopes:
+            return True
+        for depth in range(len(prefix) + 1):
+            if depth and prefix[depth - 1] == self.axes[depth - 1].cheapest:
+                continue  # the same probes as one axis up
+            base = self.cheapest_completion(prefix[:depth])
+            free = [i for i in hopes if i >= depth]
+            # each hoped-for value alone, then all of them together
+            for group in [[i] for i in free] + ([free] if len(free) > 1 else []):
+                probe = list(base)
+                for i in group:
+                    probe[i] = choice[i]
+                probe = tuple(probe)
+                if probe != choice and not self.fits_raw(probe):
+                    return False
+        return True
+
+    def plan(self, choice: tuple) -> Plan | None:
+        spec = self.spec(choice)
+        estimate = self.estimate(spec)
+        if estimate is None:
+            return None
+        extra = accumulation_bytes(spec, self.inventories)
+        required = self.margin.required(estimate.footprint.device_used_bytes + extra)
+        labels = tuple(axis.labels[i] for axis, i in zip(self.axes, choice))
+        return Plan(spec=spec, estimate=estimate, labels=labels, accumulation_bytes=extra,
+                    required_bytes=required, choice=tuple(choice))
+
+    def fits(self, choice: tuple, prefix: tuple = ()) -> Plan | None:
+        """The plan if it fits, accumulation included (`prefix`: the walk's node, for probes)."""
+        if not self.fits_raw(choice, prefix):
+            return None
+        plan = self.plan(choice)
+        return plan if plan is not None and plan.fits else None
+
+    def leanest_available(self) -> Plan | None:
+        """The least-memory plan the estimate can count: the cheapest completion, else the
+        nearest one with one axis moved off a value it cannot count."""
+        lean = self.cheapest_completion(())
+        candidates = [lean]
+        for i, axis in enumerate(self.axes):
+            for value in reversed(range(len(axis.values))):
+                if value != lean[i]:
+                    candidates.append(lean[:i] + (value,) + lean[i + 1:])
+        for choice in candidates:
+            plan = self.plan(choice)
+            if plan is not None:
+                return plan
+        return None
+
+    # -- the walk ----------------------------------------------------------------------------
+    def best_completion(self, prefix: tuple) -> tuple:
+        return prefix + (0,) * (len(self.axes) - len(prefix))
+
+    def cheapest_completion(self, prefix: tuple) -> tuple:
+        rest = []
+        for i in range(len(prefix), len(self.axes)):
+            axis = self.axes[i]
+            value = axis.cheapest
+            if not self.allowed(i, value):
+                usable = [v for v in range(len(axis.values)) if self.allowed(i, v)]
+                value = usable[-1] if usable else value
+            rest.append(value)
+        return prefix + tuple(rest)
+
+    def dominated(self, choice: tuple) -> bool:
+        """An already listed plan is at least as good on every axis."""
+        return any(all(x <= y for x, y in zip(found, choice)) for found, _ in self.plans)
+
+    def walk(self, prefix: tuple = ()) -> None:
+        if len(self.plans) >= self.request.top:
+            return
+        best = self.best_completion(prefix)
+        if not all(self.allowed(i, v) for i, v in enumerate(best)):
+            best = None
+        if best is not None:
+            if self.dominated(best):
+                return
+            plan = self.fits(best, prefix)
+            if plan is not None:
+                self.plans.append((best, plan))
+                return
+        if len(prefix) == len(self.axes):
+            return
+        if not self.fits_raw(self.cheapest_completion(prefix), prefix):
+            return
+        for index in range(len(self.axes[len(prefix)].values)):
+            if self.allowed(len(prefix), index):
+                self.walk(prefix + (index,))
+
+
+def optimizer_state_sizes(request: FitRequest) -> list[int] | None:
+    """Device bytes of each searched optimizer's states for this spec's trained tensors: the
+    memory order of the optimizer axis (their step transients follow the same tensors)."""
+    from vramplan.fit.space import SEARCHED_OPTIMIZERS
+
+    spec = request.spec
+    if "optimizer" in request.given:
+        return None
+    inventories = load_model_inventories(spec.model)
+    trained = get_method(spec.method).trainable_tensors(spec, inventories)
+    shapes = [t.shape for ts in trained.values() for t in ts]
+    itemsize = ITEMSIZE[trainable_dtype(spec)]
+    return [sum(s.nbytes for s in optimizer_state_tensors(o, shapes, itemsize) if not s.on_host)
+            for o in SEARCHED_OPTIMIZERS]
+
+
+def search(request: FitRequest, estimator: Estimator | None = None,
+           margin: SafetyMargin | None = None) -> FitResult:
+    """The best plans for the request, best first, or why none fits."""
+    start = time.perf_counter()
+    estimator = estimator or _default_estimator
+    margin = margin or safety_margin(request.margin)
+    axes = search_axes(request, optimizer_state_sizes(request))
+    if any(not axis.values for axis in axes):
+        raise UsageError("fit has nothing to search: an axis has no value (check --min-resolution)")
+    walk = _Search(request, axes, margin, estimator)
+    walk.walk()
+    plans = tuple(plan for _, plan in walk.plans)
+    notes = [f"not searched, the estimate cannot count it: {why}" for why in walk.unavailable]
+    if any(p.accumulation_bytes for p in plans):
+        notes.append("with gradient accumulation the gradients stay alive between micro-steps; "
+                     "fit counts them on top of the one-step estimate")
+    if plans:
+        return FitResult(request=request, axes=tuple(axes), margin=margin, plans=plans,
+                         estimates=walk.estimates, decided_free=walk.decided_free,
+                         seconds=time.perf_counter() - start, notes=tuple(notes))
+    from vramplan.fit.explain import explain
+
+    closest = walk.leanest_available()
+    blockers = explain(request, walk, closest) if closest is not None else []
+    smallest = smallest_card(closest) if closest is not None else None
+    notes = [f"not searched, the estimate cannot count it: {why}" for why in walk.unavailable]
+    return FitResult(request=request, axes=tuple(axes), margin=margin, plans=(), closest=closest,
+                     blockers=tuple(blockers), smallest_card=smallest, estimates=walk.estimates,
+                     decided_free=walk.decided_free, seconds=time.perf_counter() - start,
+                     notes=tuple(notes))
+
+
+def smallest_card(plan: Plan) -> Gpu | None:
+    """The catalog card with the least memory that holds the plan (margin included)."""
+    needs_bf16 = plan.spec.precision.needs_bf16
+    cards = [g for g in CATALOG.values() if g.memory_bytes >= plan.required_bytes
+             and (g.bf16 or not needs_bf16)]
+    return min(cards, key=lambda g: g.memory_bytes) if cards else None

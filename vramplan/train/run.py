@@ -1,0 +1,383 @@
+"""A real fine-tune of a plan: the shared training step (`build_step`) on real weights and images.
+
+    train(spec, TrainOptions(model_path=..., data=..., output=...))
+
+1. Check every input (vramplan.train.inputs) before importing torch.
+2. Seed torch, Python and NumPy (`--seed`); with cached latents / text embeddings, encode them
+   first with the VAE / text encoders alone, which then leave the device.
+3. Build the step from the plan with the folder's weights: `build_step(spec, device,
+   weights=folder)`, the same step `simulate` traces and `profile` measures. Device: CUDA when
+   there is one (the GPU of `LOCAL_RANK` under `accelerate launch`), else the CPU.
+4. Each optimizer step runs `gradient_accumulation_steps` micro-steps of real batches; every
+   `--checkpoint-every` steps a checkpoint is written atomically; `--resume` restores the last.
+5. Save the result (vramplan.train.save), print the predicted peak (the analytic estimate of the
+   plan) beside the measured one, and hand the measurement to the profile store if it exists.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from vramplan.errors import UsageError
+from vramplan.spec import Method, TrainingSpec
+from vramplan.train.inputs import TrainOptions, check_data, check_model, check_output, read_run, write_run
+from vramplan.units import format_bytes
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    files: list = field(default_factory=list)
+    final_loss: float | None = None
+    predicted_peak_bytes: int | None = None
+    measured_peak_bytes: int | None = None
+    measured_kind: str = "GPU"
+    device: str = "cpu"
+    seconds: float = 0.0
+    skipped_images: int = 0
+    profile: object | None = None
+
+
+def choose_device(requested: str) -> str:
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        raise UsageError(f"train runs on one GPU for now (WORLD_SIZE={world}); several GPUs are issue 6")
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: this machine has no CUDA device")
+        local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+        torch.cuda.set_device(local_rank)
+        return "cuda"
+    return "cpu"
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Run:
+    """One training run; `train()` below drives it."""
+
+    def __init__(self, spec: TrainingSpec, train_spec: TrainingSpec, options: TrainOptions, console: Console):
+        self.spec, self.options, self.console = spec, options, console
+        self.train_spec = train_spec   # the plan on the folder's own configs and inventories
+        self.output = Path(options.output)
+
+    # -- setup ---------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        from vramplan.train import data
+
+        spec, options = self.spec, self.options
+        token = options.placeholder_token
+        ti = spec.method is Method.TEXTUAL_INVERSION
+        self.instance = data.scan_folder(options.data, "--data", options.instance_prompt)
+        if ti:
+            for i, example in enumerate(self.instance.examples):
+                self.instance.examples[i] = data.Example(
+                    example.path, data.with_placeholder(example.prompt, token, options.instance_prompt))
+        self.classes = None
+        if spec.prior_preservation:
+            self.classes = data.scan_folder(options.class_data, "--class-data", fixed_prompt=options.class_prompt)
+        for folder in (self.instance, self.classes):
+            if folder is None:
+                continue
+            for path, why in folder.skipped:
+                self.console.print(f"[yellow]warning:[/] skipped unreadable image {path}: {why}")
+            if folder.skipped:
+                self.console.print(f"[yellow]warning:[/] {len(folder.skipped)} of "
+                                   f"{len(folder.skipped) + len(folder)} images in {folder.root} could not be "
+                                   f"read and are skipped")
+        if self.instance.uncaptioned and not ti:
+            self.console.print(f"[yellow]note:[/] {self.instance.uncaptioned} image(s) have no .txt caption and "
+                               f"no --instance-prompt was given: they train with an empty prompt")
+        self.tokenizers = data.load_tokenizers(options.model_path, self.train_spec.model)
+
+    def encode_caches(self, device: str) -> None:
+        """Latents / text conditioning computed once, with only the VAE / text encoders loaded."""
+        import torch
+
+        from vramplan.precision import frozen_dtype, vae_dtype
+        from vramplan.simulate.variants import DTYPES
+        from vramplan.step.families import family_of
+        from vramplan.step.loading import load_component
+        from vramplan.train import data
+
+        spec, model = self.train_spec, self.train_spec.model
+        family = family_of(model)
+        self.latents, self.text = {}, {}
+        width, height = spec.resolution
+        paths = [e.path for e in self.instance.examples] + ([e.path for e in self.classes.examples]
+                                                             if self.classes else [])
+        if spec.cache_latents:
+            vae = load_component(self.options.model_path, model.component("vae")).to(device, DTYPES[vae_dtype(spec)])
+            vae.eval()
+            with torch.no_grad():
+                for path in dict.fromkeys(paths):
+                    pixels = data.load_pixels(path, width, height)[None].to(device, DTYPES[vae_dtype(spec)])
+                    latents = family.latents_from_pixels(vae, pixels)
+                    self.latents[path] = latents.to("cpu", DTYPES[frozen_dtype(spec)])
+            del vae
+        if spec.cache_text_embeddings:
+            encoders = {te.name: load_component(self.options.model_path, te).to(device, DTYPES[frozen_dtype(spec)]).eval()
+                        for te in model.text_encoders}
+            prompts = [e.prompt for e in self.instance.examples] + ([e.prompt for e in self.classes.examples]
+                                                                    if self.classes else [])
+            with torch.no_grad():
+                for prompt in dict.fromkeys(prompts):
+                    ids = data.tokenize(self.tokenizers, model.text_lengths, [prompt], {})
+                    ids = {k: v.to(device) for k, v in ids.items()}
+                    cond = family.encode_text(model, encoders, ids)
+                    self.text[prompt] = {k: v.to("cpu") for k, v in cond.tensors.items()}
+            del encoders
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    def setup_textual_inversion(self) -> None:
+        import torch
+
+        from vramplan.step.modules import EmbeddingWithNewTokens
+        from vramplan.train import data
+
+        self.placeholders = {}
+        if self.spec.method is not Method.TEXTUAL_INVERSION:
+            return
+        vectors = self.spec.num_vectors or 1
+        for name in self.train_spec.model.trainable_text_encoders:
+            module = self.built.models.get(name)
+            if module is None:
+                continue
+            embedding = next(m for m in module.modules() if isinstance(m, EmbeddingWithNewTokens))
+            tokenizer = self.tokenizers[name]
+            init_ids = None
+            if self.options.initializer_token:
+                init_ids = tokenizer.encode(self.options.initializer_token, add_special_tokens=False)
+                if len(init_ids) != 1:
+                    raise UsageError(f"--initializer-token {self.options.initializer_token!r} is "
+                                     f"{len(init_ids)} tokens for {name}'s tokenizer; give a single word")
+            self.placeholders[name] = data.add_placeholder(tokenizer, self.options.placeholder_token, vectors,
+                                                           embedding.vocab)
+            # diffusers' textual_inversion.py starts the new rows from the initializer token's
+            # embedding; without one, from the mean embedding (transformers' mean_resizing).
+            with torch.no_grad():
+                base = embedding.base.weight
+                start = base[init_ids[0]] if init_ids else base.float().mean(0)
+                embedding.new_rows.copy_(start.to(embedding.new_rows.dtype).expand_as(embedding.new_rows))
+
+    # -- batches -------------------------------------------------------------------------------
+    def batch(self, micro_step: int):
+        import torch
+
+        from vramplan.precision import frozen_dtype, vae_dtype
+        from vramplan.simulate.variants import DTYPES
+        from vramplan.step.build import Batch
+        from vramplan.train import data
+
+        spec = self.train_spec
+        examples = [self.instance.examples[i] for i in self.sampler.indices(micro_step)]
+        if self.classes is not None:
+            examples += [self.classes.examples[i] for i in self.class_sampler.indices(micro_step)]
+        device = self.built.torch_device
+        batch = Batch()
+        if spec.cache_latents:
+            batch.latents = torch.cat([self.latents[e.path] for e in examples]).to(device, DTYPES[frozen_dtype(spec)])
+        else:
+            width, height = spec.resolution
+            batch.pixel_values = torch.stack([data.load_pixels(e.path, width, height) for e in examples]).to(
+                device, DTYPES[vae_dtype(spec)])
+        prompts = [e.prompt for e in examples]
+        if spec.cache_text_embeddings:
+            keys = self.text[prompts[0]].keys()
+            batch.cached_text = {k: torch.cat([self.text[p][k] for p in prompts]).to(device) for k in keys}
+        else:
+            ids = data.tokenize(self.tokenizers, spec.model.text_lengths, prompts, self.placeholders)
+            batch.input_ids = {k: v.to(device) for k, v in ids.items()}
+        return batch
+
+    # -- the run -------------------------------------------------------------------------------
+    def execute(self) -> TrainResult:
+        import torch
+
+        from vramplan.step.build import build_step
+        from vramplan.train import checkpoint, data
+        from vramplan.train.progress import MemoryMeter, progress_bar
+
+        spec, options, output = self.spec, self.options, self.output
+        started = time.perf_counter()
+        device = choose_device(options.device)
+        import diffusers  # noqa: F401  (imported before the baseline: their memory is not the run's)
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+
+        meter = MemoryMeter(device)
+        seed_everything(options.seed)
+        self.prepare()
+        self.encode_caches(device)
+        self.built = build_step(self.train_spec, device, weights=Path(options.model_path))
+        self.setup_textual_inversion()
+        if options.learning_rate is not None:
+            for group in self.built.optimizer.param_groups:
+                if group.get("relative_step"):
+                    self.console.print("[yellow]note:[/] Adafactor with relative steps sets its own "
+                                       "learning rate; --learning-rate is ignored")
+                    break
+                group["lr"] = options.learning_rate
+        step = 0
+        checkpoint.remove_leftovers(output)
+        if options.resume:
+            found = checkpoint.checkpoints(output)
+            if found:
+                step = checkpoint.load_checkpoint(found[-1][1], self.built)
+                self.console.print(f"resumed from {found[-1][1].name} (step {step})")
+            else:
+                self.console.print("no checkpoint yet: starting again from step 0")
+        run_info = read_run(output) if options.resume else None
+        run_info = run_info or {"format": 1, "plan": spec.to_json(), "started": _now()}
+        run_info.update(model=str(options.model_path), data=str(options.data), steps=options.steps,
+                        status="running")
+        write_run(output, run_info)
+
+        self.sampler = data.Sampler(len(self.instance), spec.batch_size, options.seed)
+        if self.classes is not None:
+            self.class_sampler = data.Sampler(len(self.classes), spec.batch_size, options.seed + 1)
+        accumulation = spec.gradient_accumulation_steps
+        loss_value = None
+        with progress_bar(enabled=options.progress) as progress:
+            task = progress.add_task("train", total=options.steps, completed=step, loss="-",
+                                     memory=meter.label(), started=time.perf_counter(), first=step)
+            while step < options.steps:
+                losses = []
+                for micro in range(accumulation):
+                    batch = self.batch(step * accumulation + micro)
+                    loss = self.built.run_step(batch, update=micro == accumulation - 1,
+                                               accumulation=accumulation)
+                    losses.append(float(loss))
+                    del batch, loss
+                step += 1
+                loss_value = sum(losses) / len(losses)
+                if loss_value != loss_value:
+                    raise UsageError(f"the loss became NaN at step {step}: lower --learning-rate, or use bf16 "
+                                     f"or fp32 precision")
+                progress.update(task, completed=step, loss=f"{loss_value:.4f}", memory=meter.label())
+                if options.checkpoint_every and step % options.checkpoint_every == 0 and step < options.steps:
+                    checkpoint.write_checkpoint(output, step, self.built, spec.to_json())
+                    checkpoint.prune(output, options.keep_checkpoints)
+
+        from vramplan.train.save import save_result
+
+        files = save_result(self.train_spec, self.built, output, Path(options.model_path), options.save_format,
+                            getattr(self, "placeholders", {}))
+        run_info.update(status="done", finished=_now(), steps_done=step,
+                        files=[str(f.relative_to(output)) for f in files])
+        write_run(output, run_info)
+        result = TrainResult(steps=step, files=files, final_loss=loss_value, measured_peak_bytes=meter.peak(),
+                             measured_kind=meter.kind, device=device, seconds=time.perf_counter() - started,
+                             skipped_images=len(self.instance.skipped) + (len(self.classes.skipped)
+                                                                          if self.classes else 0))
+        result.predicted_peak_bytes = self.predicted_peak()
+        result.profile = store_profile(spec, result, meter)
+        self.report(result, meter)
+        return result
+
+    def predicted_peak(self) -> int | None:
+        """The analytic estimate's peak allocated for the plan (catalog model when the folder
+        matches one: same architecture, same bytes; else the folder's own graphs)."""
+        try:
+            from vramplan.estimate import estimate
+
+            return estimate(self.spec).footprint.peak_allocated_bytes
+        except Exception as error:  # a prediction is a courtesy here: never fail a finished run
+            self.console.print(f"[yellow]note:[/] no prediction: {error}")
+            return None
+
+    def report(self, result: TrainResult, meter) -> None:
+        table = Table(box=None, show_header=False, padding=(0, 2), pad_edge=False)
+        table.add_column(style="bold", no_wrap=True)
+        table.add_column(justify="right", overflow="fold")
+        table.add_column(style="dim")
+        table.add_row("steps", str(result.steps), f"{result.seconds:.1f} s on {result.device}")
+        if result.final_loss is not None:
+            table.add_row("last loss", f"{result.final_loss:.4f}", "")
+        what = "torch.cuda.max_memory_allocated()" if result.device == "cuda" else \
+            "peak RSS above the process before loading (CPU)"
+        if result.predicted_peak_bytes is not None:
+            table.add_row("predicted peak", format_bytes(result.predicted_peak_bytes), "estimate: peak allocated")
+        table.add_row("measured peak", format_bytes(result.measured_peak_bytes), what)
+        if result.predicted_peak_bytes and result.measured_peak_bytes:
+            error = result.predicted_peak_bytes / result.measured_peak_bytes - 1
+            table.add_row("difference", f"{100 * error:+.1f}%", "predicted vs measured")
+        for path in result.files:
+            table.add_row("saved", str(path), "")
+        self.console.print(table)
+        if result.device != "cuda":
+            from vramplan.train.progress import cpu_note
+
+            note = cpu_note()
+            if note:
+                self.console.print(f"[dim]{note}[/]")
+        if result.profile is not None:
+            self.console.print(f"[dim]profile stored: {result.profile}[/]")
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def store_profile(spec: TrainingSpec, result: TrainResult, meter, root: Path = Path("profiles")):
+    """A CUDA run's measured peaks as a profile in the store (vramplan.profile.store), closing
+    the loop with `vramplan validate`: only where that module exists and its folder (`profiles/`
+    in the working folder) does too, and never over a profile measured by `vramplan profile`."""
+    if result.device != "cuda" or not root.is_dir():
+        return None
+    try:
+        from vramplan.profile.measure import catalog_key_for, collect_environment
+        from vramplan.profile.result import MeasuredGpu, Profile
+        from vramplan.profile.store import ProfileExists, save_profile
+    except ImportError:
+        return None
+    import torch
+
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    gpu = MeasuredGpu(name=str(props.name), memory_bytes=int(props.total_memory),
+                      compute_capability=f"{props.major}.{props.minor}",
+                      catalog_key=catalog_key_for(str(props.name), int(props.total_memory)))
+    profile = Profile(spec=spec.to_json(), device="cuda", fits=True,
+                      peak_allocated_bytes=result.measured_peak_bytes,
+                      peak_reserved_bytes=meter.peak_reserved(), gpu=gpu, steps=result.steps,
+                      capacity_bytes=int(props.total_memory), environment=collect_environment(torch),
+                      measured_at=_now(), notes=("measured by vramplan train over a whole run "
+                                                 "(real images; no NVML sample)",))
+    try:
+        return save_profile(profile, root)
+    except ProfileExists:
+        return None
+
+
+def train(spec: TrainingSpec, options: TrainOptions, console: Console | None = None) -> TrainResult:
+    """Check the inputs, then run (see the module docstring)."""
+    console = console or Console(stderr=True)
+    options.check()
+    folder_model = check_model(spec, Path(options.model_path))
+    check_data(spec, options)
+    check_output(spec, options)
+    output = Path(options.output)
+    if options.overwrite and output.exists():
+        import shutil
+
+        shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+    return Run(spec, spec.replace(model=folder_model), options, console).execute()
