@@ -66,16 +66,32 @@ def build_timeline(spec: TrainingSpec, inventories: dict) -> StepTimeline:
 
     states_live = []
     first = None
+    # Gradient accumulation: micro-steps after the first run with the gradients already there;
+    # each new gradient is added in place (AccumulateGrad) and dropped. Two micro-steps show all
+    # there is: the third repeats the second.
+    micro_steps = min(spec.gradient_accumulation_steps, 2)
     for step in range(STEPS):
         prefix = "" if step == 0 else "step 2 "
-        if first is None:
-            window_start = clock.now + 1
-            phases_before = len(clock.phases)
-            grads, batch = _one_step(spec, inventories, trained, resident, clock, prefix, out)
-            first = (window_start, clock.now, phases_before, grads, batch)
-        else:
-            # every later step allocates what the first did, in the same order: repeat it
-            grads, batch = _repeat_step(clock, *first, prefix)
+        for micro in range(micro_steps):
+            micro_prefix = prefix + (f"micro {micro + 1} " if micro else "")
+            if first is None:
+                window_start = clock.now + 1
+                phases_before = len(clock.phases)
+                step_grads, step_batch = _one_step(spec, inventories, trained, resident, clock, prefix, out)
+                first = (window_start, clock.now, phases_before, step_grads, step_batch)
+            else:
+                # every later (micro-)step allocates what the first did, in the same order
+                step_grads, step_batch = _repeat_step(clock, *first, micro_prefix)
+            if micro == 0:
+                grads = step_grads
+            else:
+                for rec in step_grads:
+                    rec.category = Category.TEMPORARIES
+                    rec.free_at = rec.alloc_at + 1   # summed into param.grad, then freed
+            if micro < micro_steps - 1:
+                for rec in step_batch:
+                    clock.free(rec)   # the next micro-step's batch replaces it
+            batch = step_batch
         clock.phase(prefix + "optimizer")
         if step == 0:
             for s in state_tensors:

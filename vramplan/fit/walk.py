@@ -25,8 +25,8 @@ DreamBooth on 12 GB in 5; SDXL LoRA on 8 GB, where little fits, in about 19 -- e
 estimate costs 0.6-0.9 s, which dominates the search.
 
 A plan fits when its device use plus the safety margin is within the card. With gradient
-accumulation the gradients also stay alive between micro-steps, through the next forward, which
-`estimate` (one step) does not count: fit adds them, so that a plan never fits only on paper.
+accumulation the gradients stay alive between micro-steps, through the next forward; `estimate`
+replays the micro-steps and counts them.
 """
 
 from __future__ import annotations
@@ -171,11 +171,9 @@ def static_bytes(spec: TrainingSpec, inventories: dict) -> int:
 
 
 def accumulation_bytes(spec: TrainingSpec, inventories: dict) -> int:
-    """Gradients alive between micro-steps under gradient accumulation (zero without it)."""
-    if spec.gradient_accumulation_steps <= 1:
-        return 0
-    trained = get_method(spec.method).trainable(spec, inventories)
-    return sum(trained.values()) * ITEMSIZE[trainable_dtype(spec)]
+    """Bytes fit would add for gradient accumulation: none, since `estimate` replays the
+    micro-steps itself (the gradients kept between them included; vramplan/estimate/step.py)."""
+    return 0
 
 
 class _Search:

@@ -111,27 +111,37 @@ def trace_step(step, steps: int = STEPS, say=None) -> "MemoryTracker":
         stack.enter_context(tracker)
         stack.enter_context(tracker.module_hooks(step.models))
         stack.enter_context(torch.autograd.graph.saved_tensors_hooks(mark_saved, lambda t: t))
+        accumulation = step.spec.gradient_accumulation_steps
+        micro_steps = min(accumulation, 2)   # a third micro-step repeats the second
         for i in range(steps):
             prefix = "" if i == 0 else f"step {i + 1} "
             say(f"step {i + 1} of {steps}")
+            for micro in range(micro_steps):
+                micro_prefix = prefix + (f"micro {micro + 1} " if micro else "")
 
-            def hook(phase, prefix=prefix):
-                if phase == "optimizer":
+                def hook(phase, prefix=micro_prefix):
+                    if phase == "optimizer":
+                        for p in step.trainable:
+                            if p.grad is not None:
+                                tracker.track(p.grad, Category.GRADIENTS)
+                        tracker.set_phase(prefix.split("micro")[0] + phase)
+                        return
+                    tracker.set_phase(prefix + phase)
+
+                tracker.set_phase(micro_prefix + "encode")
+                batch = step.make_batch()
+                for t in _batch_tensors(batch):
+                    tracker.track(t, Category.INPUTS)
+                step.run_step(batch, hook=hook, update=micro == micro_steps - 1, accumulation=accumulation)
+                if micro == 0 and micro_steps > 1:
                     for p in step.trainable:
                         if p.grad is not None:
                             tracker.track(p.grad, Category.GRADIENTS)
-                tracker.set_phase(prefix + phase)
-
-            tracker.set_phase(prefix + "encode")
-            batch = step.make_batch()
-            for t in _batch_tensors(batch):
-                tracker.track(t, Category.INPUTS)
-            step.run_step(batch, hook=hook)
+                del batch
             for state in step.optimizer.state.values():
                 for value in state.values():
                     if isinstance(value, torch.Tensor):
                         tracker.track(value, Category.OPTIMIZER_STATES)
-            del batch
         tracker.set_phase("end")
     return tracker
 
