@@ -50,9 +50,15 @@ def test_ema_is_one_fp32_copy_of_the_trained_tensors(h):
     assert est.footprint.category_bytes(Category.EMA) == h.per_tensor(h.numels("sd15", "unet"), 4)
 
 
-def test_gradient_accumulation_does_not_change_memory(h):
-    # gradients accumulate in place into param.grad: no second buffer
-    assert h.estimate(gradient_accumulation_steps=4).footprint == h.estimate().footprint
+def test_gradient_accumulation_keeps_gradients_through_the_next_micro_step(h):
+    # the second micro-step's forward runs with the first one's gradients alive, and each new
+    # gradient is summed into param.grad in place (no second buffer kept)
+    plain = phases(h.estimate(method="full", precision="fp32"))
+    accumulated = phases(h.estimate(method="full", precision="fp32", gradient_accumulation_steps=4))
+    grads = h.per_tensor(h.numels("sd15", "unet"), 4)
+    assert plain["forward"].get(Category.GRADIENTS, 0) == 0
+    assert accumulated["micro 2 forward"][Category.GRADIENTS] == grads
+    assert accumulated["optimizer"][Category.GRADIENTS] == grads
 
 
 @pytest.mark.parametrize("precision, itemsize", [("fp32", 4), ("fp16", 2)])
