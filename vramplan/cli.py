@@ -748,13 +748,9 @@ def _profile_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _whole_number(text, flag: str, minimum: int) -> int:
-    try:
-        value = int(str(text).strip())
-    except ValueError:
-        raise UsageError(f"{flag}: {text!r} is not a whole number") from None
-    if value < minimum:
-        raise UsageError(f"{flag}: {value} is too small (at least {minimum})")
-    return value
+    from vramplan.spec import parse_int
+
+    return parse_int(text, flag, minimum)
 
 
 def _showing_progress(show: bool, first: str, work):

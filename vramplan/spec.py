@@ -231,7 +231,8 @@ _BOOLS = ("prior_preservation", "gradient_checkpointing", "train_text_encoder", 
           "cache_text_embeddings", "ema")
 
 
-def _int(value, flag: str, minimum: int = 1) -> int:
+def parse_int(value, flag: str, minimum: int = 1) -> int:
+    """A whole number >= minimum, or a one-line UsageError naming the flag."""
     try:
         number = int(str(value).strip())
     except ValueError:
@@ -239,6 +240,9 @@ def _int(value, flag: str, minimum: int = 1) -> int:
     if number < minimum:
         raise UsageError(f"{flag}: {number} is too small (at least {minimum})")
     return number
+
+
+_int = parse_int
 
 
 def _float(value, flag: str, minimum: float = 0.0, strict: bool = True) -> float:

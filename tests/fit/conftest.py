@@ -50,14 +50,6 @@ def made_up(monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def tiny_pipeline(tmp_path_factory):
-    """(model folder, images folder) of examples/make_tiny_pipeline.py, made once."""
-    import importlib.util
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    spec = importlib.util.spec_from_file_location("make_tiny_pipeline", root / "examples" / "make_tiny_pipeline.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    out = tmp_path_factory.mktemp("tiny-fit")
-    return module.make_pipeline(out), module.make_images(out)
+def tiny_pipeline(tiny_pipeline):
+    """(model folder, images folder) of the shared tiny pipeline."""
+    return tiny_pipeline / "model", tiny_pipeline / "images"

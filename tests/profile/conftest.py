@@ -25,13 +25,7 @@ def _cache(cache_dir, monkeypatch):
     monkeypatch.setenv("VRAMPLAN_CACHE", str(cache_dir))
 
 
-@pytest.fixture(scope="session")
-def tiny_pipeline(tmp_path_factory) -> Path:
-    """examples/make_tiny_pipeline.py's output: OUT/model and OUT/images."""
-    out = tmp_path_factory.mktemp("tiny") / "t"
-    subprocess.run([sys.executable, str(ROOT / "examples" / "make_tiny_pipeline.py"), str(out)],
-                   check=True, capture_output=True)
-    return out
+
 
 
 @pytest.fixture(scope="session")

@@ -20,11 +20,9 @@ def _example_module():
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    """(model folder, images folder) of the tiny SD pipeline."""
-    out = tmp_path_factory.mktemp("tiny")
-    make = _example_module()
-    return make.make_pipeline(out), make.make_images(out)
+def tiny(tiny_pipeline):
+    """(model folder, images folder) of the shared tiny pipeline."""
+    return tiny_pipeline / "model", tiny_pipeline / "images"
 
 
 def tiny_spec(model: Path, **options):

@@ -327,26 +327,11 @@ def emit_kohya(spec: TrainingSpec, paths: Paths = Paths()) -> str:
 
 
 def accelerate_config(spec: TrainingSpec) -> dict:
-    """The single-machine, single-GPU config `accelerate config` writes, with the plan's precision."""
-    return {
-        "compute_environment": "LOCAL_MACHINE",
-        "debug": False,
-        "distributed_type": "NO",
-        "downcast_bf16": "no",
-        "enable_cpu_affinity": False,
-        "gpu_ids": "all",
-        "machine_rank": 0,
-        "main_training_function": "main",
-        "mixed_precision": _mixed(spec),
-        "num_machines": 1,
-        "num_processes": 1,
-        "rdzv_backend": "static",
-        "same_network": True,
-        "tpu_env": [],
-        "tpu_use_cluster": False,
-        "tpu_use_sudo": False,
-        "use_cpu": False,
-    }
+    """The config `accelerate config` writes for the plan (one machine; several GPUs when the
+    plan has them): the same writer `estimate --emit-launch` uses."""
+    from vramplan.distributed.configs import accelerate_config as launch_config
+
+    return launch_config(spec)
 
 
 def emit_accelerate(spec: TrainingSpec, paths: Paths = Paths()) -> str:

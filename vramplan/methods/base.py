@@ -251,3 +251,16 @@ def _json_str(text: str) -> str:
 
 def freeze(module) -> None:
     module.requires_grad_(False)
+
+
+def keep_lycoris_layers_in_eval(module) -> None:
+    """peft's LyCORIS layers (LoHa, LoKr) draw `torch.rand(1) > module_dropout` in training mode,
+    which fake tensors cannot evaluate; in eval mode they skip the draw, identical when module and
+    rank dropout are 0 (ours are). Every tier runs them this way (NOTES.md)."""
+    try:
+        from peft.tuners.lycoris_utils import LycorisLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return
+    for layer in module.modules():
+        if isinstance(layer, LycorisLayer):
+            layer.eval()

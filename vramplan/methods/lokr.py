@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from math import prod
 
 from vramplan.errors import UsageError
-from vramplan.methods.base import AdapterMethod, TrainableTensor, register_method
+from vramplan.methods.base import AdapterMethod, keep_lycoris_layers_in_eval, TrainableTensor, register_method
 from vramplan.models.inventory import ModuleEntry
 from vramplan.spec import Method
 
@@ -110,14 +110,7 @@ class LoKr(AdapterMethod):
     output_keeps_input_dtype = True
 
     def _after_inject(self, module):
-        # peft's LyCORIS layers draw `torch.rand(1) > module_dropout` in training mode, which fake
-        # tensors cannot evaluate; in eval mode they skip the draw, identical when the module and
-        # rank dropouts are 0 (ours are). Every tier runs them this way (NOTES.md).
-        from peft.tuners.lycoris_utils import LycorisLayer
-
-        for layer in module.modules():
-            if isinstance(layer, LycorisLayer):
-                layer.eval()
+        keep_lycoris_layers_in_eval(module)
 
 
 register_method(Method.LOKR, LoKr)

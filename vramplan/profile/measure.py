@@ -35,6 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from vramplan.profile.rss import reset_peak_rss, status_bytes
 from vramplan.errors import UsageError
 from vramplan.gpus import CATALOG
 from vramplan.profile.result import MeasuredGpu, PhaseMeasure, Profile, slugify
@@ -330,26 +331,6 @@ def started_with_malloc_setting() -> bool:
     return f"{name}={value}".encode() in start
 
 
-def _status_bytes(field: str) -> int | None:
-    """VmRSS / VmHWM from /proc/self/status, in bytes (Linux)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (`echo 5 > /proc/self/clear_refs`, Linux 4.0+)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def measure_cpu(spec: TrainingSpec, steps: int = DEFAULT_STEPS, progress: Progress | None = None) -> Profile:
     import torch
 
@@ -376,13 +357,13 @@ def measure_cpu(spec: TrainingSpec, steps: int = DEFAULT_STEPS, progress: Progre
         # RSS is measured from here, the weights resident: imports and the random
         # initialisation's fp32 copies before this point are no part of the step.
         gc.collect()
-        baseline = _status_bytes("VmRSS")
-        if not _reset_peak_rss():
+        baseline = status_bytes("VmRSS")
+        if not reset_peak_rss():
             notes.append("could not reset the peak RSS after the build: it includes the random "
                          "initialisation's fp32 weights")
         tracker = trace_step(step, steps, step_clock)
         finished = time.perf_counter()
-    peak_rss = _status_bytes("VmHWM")
+    peak_rss = status_bytes("VmHWM")
     step_seconds = [b - a for a, b in zip(starts, starts[1:] + [finished])]
 
     peaks = tracker.phase_peaks()

@@ -188,13 +188,10 @@ class GraphRecorder(TorchDispatchMode):
                 self.graph.calls.append([idx, start, len(self.graph.ops) - 1, in_tids,
                                          self._tensor_ids(output)])
 
-        h1 = torch.nn.modules.module.register_module_forward_pre_hook(pre)
-        h2 = torch.nn.modules.module.register_module_forward_hook(post)
-        try:
+        from vramplan.simulate.tracker import global_module_hooks
+
+        with global_module_hooks(pre, post):
             yield
-        finally:
-            h1.remove()
-            h2.remove()
 
     def _tensor_ids(self, value) -> list:
         from torch.utils._pytree import tree_flatten

@@ -121,14 +121,7 @@ def record_denoiser(model: ModelInfo, variant: str, attention: str = "sdpa") -> 
         recorder.graph.inputs["latents"] = recorder.tid(latents)
         for key, tensor in cond.items():
             recorder.graph.inputs[key] = recorder.tid(tensor)
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(cuda_autocast_policy())
-            stack.enter_context(symbolic_interpolate())
-            stack.enter_context(cuda_bitsandbytes())
-            stack.enter_context(recorder)
-            stack.enter_context(recorder.module_hooks())
-            stack.enter_context(recorder.autograd_functions())
-            stack.enter_context(no_saved_tensors())
+        with _recording(recorder, policy.autocast):
             noise = Shapes.randn_like(latents)
             noisy, timesteps, target = family.noise(model, latents, noise, rng=Shapes)
             del noise
@@ -225,6 +218,7 @@ def _recording(recorder, policy_autocast: bool):
     stack = contextlib.ExitStack()
     stack.enter_context(cuda_autocast_policy())
     stack.enter_context(symbolic_interpolate())
+    stack.enter_context(cuda_bitsandbytes())
     stack.enter_context(_shape_only_sampling())
     stack.enter_context(recorder)
     stack.enter_context(recorder.module_hooks())

@@ -14,6 +14,7 @@ tensors (profile --device cpu), which is how tests check the fake trace against 
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass, field
 
@@ -51,6 +52,18 @@ class Timeline:
     """(event index, live bytes) after each allocation or free, and phase boundaries."""
     points: list = field(default_factory=list)
     phases: list = field(default_factory=list)   # (phase name, first event index)
+
+
+@contextlib.contextmanager
+def global_module_hooks(pre, post):
+    """Forward pre/post hooks on every module, for as long as the context is open."""
+    h1 = torch.nn.modules.module.register_module_forward_pre_hook(pre)
+    h2 = torch.nn.modules.module.register_module_forward_hook(post)
+    try:
+        yield
+    finally:
+        h1.remove()
+        h2.remove()
 
 
 class MemoryTracker(TorchDispatchMode):
@@ -152,30 +165,19 @@ class MemoryTracker(TorchDispatchMode):
     # -- module attribution ----------------------------------------------------------------
     def module_hooks(self, roots: dict):
         """Name the module running each allocation (for the top-layers report)."""
-        import contextlib
-
         names = {id(m): f"{prefix}.{n}" if n else prefix
                  for prefix, root in roots.items() for n, m in root.named_modules()}
 
-        @contextlib.contextmanager
-        def hooks():
-            def pre(module, args):
-                name = names.get(id(module))
-                if name is not None:
-                    self.module_stack.append(name)
+        def pre(module, args):
+            name = names.get(id(module))
+            if name is not None:
+                self.module_stack.append(name)
 
-            def post(module, args, output):
-                if names.get(id(module)) is not None and self.module_stack:
-                    self.module_stack.pop()
+        def post(module, args, output):
+            if names.get(id(module)) is not None and self.module_stack:
+                self.module_stack.pop()
 
-            h1 = torch.nn.modules.module.register_module_forward_pre_hook(pre)
-            h2 = torch.nn.modules.module.register_module_forward_hook(post)
-            try:
-                yield
-            finally:
-                h1.remove()
-                h2.remove()
-        return hooks()
+        return global_module_hooks(pre, post)
 
     # -- results -----------------------------------------------------------------------------
     def live_at(self, event: int) -> list[StorageRecord]:

@@ -24,6 +24,7 @@ import torch
 
 from vramplan.errors import UsageError
 from vramplan.methods import get_method
+from vramplan.methods.base import keep_lycoris_layers_in_eval
 from vramplan.models.inventory import load_model_inventories
 from vramplan.precision import frozen_dtype, trainable_dtype, vae_dtype
 from vramplan.simulate.variants import DTYPES
@@ -215,7 +216,7 @@ def build_step(spec: TrainingSpec, device: str = "fake", weights: Path | None = 
             module.eval()
         else:
             module.train()
-            _keep_lycoris_eval(module)
+            keep_lycoris_layers_in_eval(module)
     if spec.gradient_checkpointing:
         models[model.denoiser.name].enable_gradient_checkpointing()
         for comp in model.text_encoders:
@@ -298,13 +299,3 @@ def _resident(spec: TrainingSpec) -> set:
     if not spec.cache_text_embeddings:
         out.update(c.name for c in spec.model.text_encoders)
     return out
-
-
-def _keep_lycoris_eval(module) -> None:
-    try:
-        from peft.tuners.lycoris_utils import LycorisLayer
-    except ImportError:  # pragma: no cover
-        return
-    for layer in module.modules():
-        if isinstance(layer, LycorisLayer):
-            layer.eval()

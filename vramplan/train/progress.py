@@ -19,42 +19,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
+from vramplan.profile.rss import peak_rss_bytes, reset_peak_rss, rss_bytes
 from vramplan.units import format_bytes
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
-        return None
-    match = re.search(rf"^{field}:\s+(\d+)\s+kB", text, re.M)
-    return int(match.group(1)) if match else None
-
-
-def rss_bytes() -> int:
-    kib = _status_kib("VmRSS")
-    if kib is not None:
-        return kib * 1024
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_bytes() -> int:
-    kib = _status_kib("VmHWM")
-    if kib is not None:
-        return kib * 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class MemoryMeter:
@@ -67,7 +33,7 @@ class MemoryMeter:
             self.baseline = 0
             self.kind = "GPU"
         else:
-            _reset_peak_rss()
+            reset_peak_rss()
             self.baseline = rss_bytes()
             self.kind = "RSS"
 
