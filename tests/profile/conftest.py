@@ -15,14 +15,9 @@ PROFILE_ARGS = ["--method", "lora", "--rank", "4", "--resolution", "64"]
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("vramplan-cache")
-
-
-@pytest.fixture(autouse=True)
-def _cache(cache_dir, monkeypatch):
-    # local pipelines' inventories and recorded graphs are cached here, not in ~/.cache
-    monkeypatch.setenv("VRAMPLAN_CACHE", str(cache_dir))
+def cache_dir(vramplan_cache) -> Path:
+    # tests/conftest.py points VRAMPLAN_CACHE here for every test
+    return vramplan_cache
 
 
 
