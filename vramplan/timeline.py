@@ -67,9 +67,28 @@ def analyse(records: list[Record], phases: list[tuple[str, int]], constant: dict
     for name, start in bounds:
         if start <= peak_event:
             peak_phase = name
-    phase_peaks = [(name, phase_best[name][0], composition_at(records, phase_best[name][1], constant))
-                   for name, _ in bounds]
-    return Analysis(peak, peak_event, peak_phase, composition_at(records, peak_event, constant), phase_peaks)
+    wanted = [phase_best[name][1] for name, _ in bounds] + [peak_event]
+    compositions = compositions_at(records, wanted, constant)
+    phase_peaks = [(name, phase_best[name][0], compositions[phase_best[name][1]]) for name, _ in bounds]
+    return Analysis(peak, peak_event, peak_phase, compositions[peak_event], phase_peaks)
+
+
+def compositions_at(records: list[Record], events: list[int], constant: dict | None = None) -> dict:
+    """`composition_at` for several events in one pass over the records."""
+    import bisect
+
+    targets = sorted(set(events))
+    out = {e: dict(constant or {}) for e in targets}
+    for r in records:
+        lo = bisect.bisect_left(targets, r.alloc_at)
+        hi = len(targets) if r.free_at is None else bisect.bisect_left(targets, r.free_at)
+        if lo >= hi:
+            continue
+        key = r.category or Category.TEMPORARIES
+        for e in targets[lo:hi]:
+            comp = out[e]
+            comp[key] = comp.get(key, 0) + r.nbytes
+    return out
 
 
 def composition_at(records: list[Record], event: int, constant: dict | None = None) -> dict:

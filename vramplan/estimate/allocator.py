@@ -15,7 +15,6 @@ no garbage-collection threshold, one stream.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
 
 from vramplan.timeline import Record
 
@@ -42,15 +41,12 @@ def allocation_size(size: int) -> int:
     return -(-size // K_ROUND_LARGE) * K_ROUND_LARGE
 
 
-@dataclass
 class _Block:
-    addr: int
-    size: int
-    segment: int
-    small: bool
-    free: bool = True
-    prev: "_Block | None" = None
-    next: "_Block | None" = None
+    __slots__ = ("addr", "size", "segment", "small", "free", "prev", "next")
+
+    def __init__(self, addr, size, segment, small, free=True, prev=None, next=None):
+        self.addr, self.size, self.segment, self.small = addr, size, segment, small
+        self.free, self.prev, self.next = free, prev, next
 
 
 class CachingAllocator:
@@ -75,7 +71,7 @@ class CachingAllocator:
         pool.pop(i)
 
     def malloc(self, nbytes: int) -> _Block:
-        size = round_size(nbytes)
+        size = K_MIN_BLOCK if nbytes < K_MIN_BLOCK else -(-nbytes // K_MIN_BLOCK) * K_MIN_BLOCK
         small = size <= K_SMALL_SIZE
         pool = self.pools[small]
         i = bisect.bisect_left(pool, (size, -1))
@@ -87,7 +83,8 @@ class CachingAllocator:
             block = _Block(self._next_addr, seg_size, self._segments, small)
             self._next_addr += seg_size
             self.reserved += seg_size
-            self.peak_reserved = max(self.peak_reserved, self.reserved)
+            if self.reserved > self.peak_reserved:
+                self.peak_reserved = self.reserved
         remaining = block.size - size
         if (small and remaining >= K_MIN_BLOCK) or (not small and remaining > K_SMALL_SIZE):
             rest = _Block(block.addr + size, remaining, block.segment, small, True, block, block.next)
@@ -98,7 +95,8 @@ class CachingAllocator:
             self._insert(rest, small)
         block.free = False
         self.allocated += block.size
-        self.peak_allocated = max(self.peak_allocated, self.allocated)
+        if self.allocated > self.peak_allocated:
+            self.peak_allocated = self.allocated
         return block
 
     def free(self, block: _Block) -> None:
@@ -123,22 +121,24 @@ class CachingAllocator:
 
 
 def replay_allocator(records: list[Record]) -> CachingAllocator:
-    """Run the allocator over the records' allocations and frees in event order."""
-    events = []
+    """Run the allocator over the records' allocations and frees in event order (at one event,
+    frees before allocations)."""
+    allocs: dict[int, list[int]] = {}
+    frees: dict[int, list[int]] = {}
     for i, r in enumerate(records):
         if r.nbytes <= 0:
             continue
-        events.append((r.alloc_at, 1, i))
+        allocs.setdefault(r.alloc_at, []).append(i)
         if r.free_at is not None:
-            events.append((r.free_at, 0, i))
-    events.sort()
+            frees.setdefault(r.free_at, []).append(i)
     alloc = CachingAllocator()
+    malloc, free = alloc.malloc, alloc.free
     live: dict[int, _Block] = {}
-    for _, kind, i in events:
-        if kind == 1:
-            live[i] = alloc.malloc(records[i].nbytes)
-        else:
+    for event in sorted(allocs.keys() | frees.keys()):
+        for i in frees.get(event, ()):
             block = live.pop(i, None)
             if block is not None:
-                alloc.free(block)
+                free(block)
+        for i in allocs.get(event, ()):
+            live[i] = malloc(records[i].nbytes)
     return alloc
