@@ -1049,21 +1049,36 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
                        help="allow lowering the resolution down to N pixels (default: never)")
     group.add_argument("--prefer", metavar="ORDER",
                        help="the objective: quality (default: no quantization, higher rank, larger "
-                            "per-step batch, no checkpointing, in that order), speed (batch and "
-                            "checkpointing first), or a comma list of resolution, precision, quant, "
-                            "rank, optimizer, batch, checkpointing, cache-latents, cache-text, "
-                            "attention to put first")
+                            "per-step batch, then with several GPUs the strategy with the least "
+                            "communication -- ddp, zero1, zero2, fsdp shard-grad-op, fsdp full-shard, "
+                            "zero3, then offloading the optimizer, then the parameters -- then no "
+                            "checkpointing, in that order: fit turns checkpointing on before it shards "
+                            "or offloads), speed (batch, strategy and checkpointing first), or a comma "
+                            "list of resolution, precision, quant, rank, optimizer, batch, strategy, "
+                            "checkpointing, cache-latents, cache-text, attention to put first")
     group.add_argument("--top", metavar="N", type=int, default=5,
                        help="list at most N plans (default: 5)")
     group.add_argument("--margin", metavar="PCT",
                        help="safety margin below the card, e.g. 5%% (default: the estimator's "
                             "measured error band, 3%% until GPU profiles exist)")
+    group.add_argument("--host-ram", metavar="SIZE",
+                       help="several GPUs: the host RAM per node a plan may use for what it offloads "
+                            "(e.g. 128GB); plans that need more are not listed (default: not checked, "
+                            "but shown for every plan)")
     out = parser.add_argument_group("output")
     out.add_argument("--json", action="store_true",
-                     help="print the chosen plan as TrainingSpec JSON (what --plan takes) and nothing else")
+                     help="print the chosen plan as TrainingSpec JSON (what --plan takes) and nothing "
+                          "else; for several GPUs the estimate's JSON of the plan, its spec under "
+                          "\"spec\" with the \"per_gpu\" and \"host\" sections and the search's "
+                          "\"fit\" (every --plan reads either form)")
     out.add_argument("--emit", choices=("diffusers", "kohya", "accelerate"),
                      help="print the chosen plan as the diffusers example script's command line, "
-                          "kohya sd-scripts' command line, or an accelerate config YAML")
+                          "kohya sd-scripts' command line, or an accelerate config YAML (with several "
+                          "GPUs its distributed section; for zero1/2/3 the DeepSpeed JSON follows "
+                          "as a second YAML document, after '---', to save as deepspeed.json)")
+    out.add_argument("--emit-dir", metavar="FOLDER", type=Path,
+                     help="with --emit accelerate: write accelerate.yaml (and deepspeed.json for "
+                          "zero1/2/3) into FOLDER instead of printing them")
     out.add_argument("--train", action="store_true", help="then train with the chosen plan")
     _train_run_flags(parser, model_flag="--model-path", required=False)
 
@@ -1077,17 +1092,31 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
              "vramplan fit --model sd15 --method lora --gpu 8GB --emit diffusers",
              "vramplan fit --model sd15 --method lora --gpu 8GB --train --model-path ./my-sd15 "
              "--data ./photos --output ./run",
+             "vramplan fit --model sdxl --method full --gpus 4xrtx4090 --host-ram 128GB",
+             "vramplan fit --model sdxl --method full --gpus 4xrtx4090 --emit accelerate --emit-dir ./launch",
          ))
 def fit_command(args: argparse.Namespace) -> int:
     """Search batch size (keeping the effective batch), gradient checkpointing, precision,
     optimizer, latent and text-embedding caching, base quantization and rank (and resolution
-    with --min-resolution) for the best plans that fit --gpu with a safety margin. Flags you
-    give are kept as they are. Exit status 1 when nothing fits, with what makes it impossible."""
+    with --min-resolution) for the best plans that fit --gpu with a safety margin. With several
+    GPUs (--gpus 4xrtx4090) also the strategy and offload (unless --strategy / --offload fix
+    them), each plan counted per GPU, with the host RAM an offload needs. Flags you give are
+    kept as they are. Exit status 1 when nothing fits, with what makes it impossible."""
     from vramplan.fit import fit_request, search
-    from vramplan.fit.emit import Paths, emit
+    from vramplan.fit.emit import Paths, emit, write_accelerate
 
     if args.json and args.emit:
         raise UsageError("--json and --emit both print the plan: give one of them")
+    if args.emit_dir is not None and args.emit != "accelerate":
+        raise UsageError("--emit-dir writes the files of --emit accelerate: give --emit accelerate with it")
+    host_ram = None
+    if args.host_ram is not None:
+        from vramplan.units import parse_bytes
+
+        try:
+            host_ram = parse_bytes(args.host_ram)
+        except UsageError as error:
+            raise UsageError(f"--host-ram: {error}") from None
     plan = read_plan(args.plan) if args.plan is not None else None
     flags = given_options(args)
     spec = resolve_spec(flags, plan, args.plan)
@@ -1097,9 +1126,12 @@ def fit_command(args: argparse.Namespace) -> int:
         # A plan's memory knobs are where the search starts, not constraints: only the flags
         # typed here and what defines the training (model, method, what it trains) stay fixed.
         spec = dataclasses.replace(spec, given=frozenset(flags) | (spec.given & PLAN_FIXED))
+    if host_ram is not None and not spec.is_distributed:
+        raise UsageError("--host-ram checks what several GPUs offload: give --gpus COUNTxCARD (or --strategy)")
     request = fit_request(spec, effective_batch=args.effective_batch, min_rank=args.min_rank,
                           min_resolution=args.min_resolution, prefer=args.prefer, top=args.top,
-                          margin=None if args.margin is None else _fraction(args.margin, "--margin"))
+                          margin=None if args.margin is None else _fraction(args.margin, "--margin"),
+                          host_ram=host_ram)
     options = _train_options(args) if args.train else None
     if options is not None:
         # the run's inputs are checked before the search, so a typo fails in a second
@@ -1112,11 +1144,14 @@ def fit_command(args: argparse.Namespace) -> int:
     result = search(request)
     if args.json:
         if result.fits:
-            _print_json(result.best.spec.to_json())
+            _print_json(_plan_json(result))
         else:
             _print_json(result.to_json())
     elif args.emit:
-        if result.fits:
+        if result.fits and args.emit_dir is not None:
+            for path in write_accelerate(result.best.spec, args.emit_dir):
+                print(f"launch file written to {path}")
+        elif result.fits:
             paths = Paths(model=None if args.model_path is None else str(args.model_path),
                           data=str(args.data or "./data"), output=str(args.output or "./output"),
                           class_data=str(args.class_data or "./class_data"),
@@ -1136,8 +1171,25 @@ def fit_command(args: argparse.Namespace) -> int:
     if options is not None:
         from vramplan.train import train
 
-        train(result.best.spec, options)
+        outcome = train(result.best.spec, options)
+        if isinstance(outcome, int):      # several GPUs: accelerate launch's exit status
+            return outcome
     return 0
+
+
+def _plan_json(result) -> dict:
+    """--json: the spec for one GPU; for several, the winner's estimate JSON (spec, per_gpu, host)
+    with what the search checked."""
+    best = result.best
+    if not best.spec.is_distributed:
+        return best.spec.to_json()
+    out = best.estimate.to_json() if hasattr(best.estimate.distributed, "single_gpu_peak_allocated_bytes") \
+        else {"spec": best.spec.to_json()}
+    out["fit"] = {"required_bytes": best.required_bytes, "headroom_bytes": best.headroom_bytes,
+                  "margin": result.margin.fraction, "host_ram_bytes_per_node": best.host_bytes or 0,
+                  "host_ram_limit_bytes": result.request.host_ram, "host_fits": best.host_fits,
+                  "prefer": [c.value for c in result.request.prefer]}
+    return out
 
 
 # -- train ---------------------------------------------------------------------------------------
@@ -1147,6 +1199,9 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the plan to run: TrainingSpec JSON from 'vramplan fit --json' or "
                              "'vramplan estimate --json'")
     _train_run_flags(parser, model_flag="--model", required=True)
+    parser.add_argument("--launched", action="store_true",
+                        help="this process is one rank of an accelerate job already: train, do not "
+                             "launch (vramplan train adds it to the processes it starts)")
 
 
 @command("train", "run a plan: a real fine-tune on a local pipeline and a folder of images",
@@ -1156,15 +1211,24 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
              "vramplan train --plan plan.json --model ./my-sd15 --data ./photos --output ./run --resume",
              "accelerate launch -m vramplan train --plan plan.json --model ./my-sdxl --data ./photos "
              "--output ./run",
+             "vramplan train --plan plan-4xrtx4090.json --model ./my-sdxl --data ./photos --output ./run"
+             "    # starts the 4 processes with accelerate launch",
          ))
 def train_command(args: argparse.Namespace) -> int:
     """Fine-tune with the plan's settings and the step every tier shares, on CUDA when there is
     one: progress with loss, speed, ETA and memory; checkpoints every --checkpoint-every steps
     (--resume continues); at the end the predicted and the measured peak, and the result saved
     as diffusers loads it (LoRA / LoHa / LoKr weights, textual-inversion embeddings, or the
-    pipeline folder of a full fine-tune)."""
+    pipeline folder of a full fine-tune).
+
+    A plan for several GPUs (num_gpus > 1) is run as that many processes: train writes the
+    plan's accelerate config (and DeepSpeed JSON) to a temporary folder and runs
+    `accelerate launch --config_file ... -m vramplan train ... --launched`; each process, and any
+    process `accelerate launch` or torchrun started, trains as one rank with accelerate's
+    Accelerator preparing the step as the plan's strategy says. --device cpu runs the processes
+    on the CPU (gloo)."""
     spec = resolve_spec({}, read_plan(args.plan), args.plan)
     from vramplan.train import train
 
-    train(spec, _train_options(args))
-    return 0
+    outcome = train(spec, _train_options(args), launched=args.launched)
+    return outcome if isinstance(outcome, int) else 0

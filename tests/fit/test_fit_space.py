@@ -16,9 +16,9 @@ def axes_of(options, **request):
 def test_default_objective_order():
     assert parse_prefer(None) == QUALITY
     assert QUALITY.index(Criterion.QUANT) < QUALITY.index(Criterion.RANK) < QUALITY.index(Criterion.BATCH) \
-        < QUALITY.index(Criterion.CHECKPOINTING)
+        < QUALITY.index(Criterion.STRATEGY) < QUALITY.index(Criterion.CHECKPOINTING)
     speed = parse_prefer("speed")
-    assert speed[:2] == (Criterion.BATCH, Criterion.CHECKPOINTING)
+    assert speed[:3] == (Criterion.BATCH, Criterion.STRATEGY, Criterion.CHECKPOINTING)
     assert parse_prefer("rank,batch")[:3] == (Criterion.RANK, Criterion.BATCH, Criterion.RESOLUTION)
     with pytest.raises(UsageError):
         parse_prefer("colour")

@@ -9,8 +9,18 @@
   siblings for LoRA (networks.lora) and LoHa / LoKr (LyCORIS, `lycoris.kohya` with
   `algo=loha|lokr`), fine_tune.py / train_db.py / sdxl_train.py for full fine-tunes and
   DreamBooth, train_textual_inversion.py for textual inversion.
-* accelerate: the single-GPU config YAML (`accelerate config` format) with the plan's mixed
-  precision, for `accelerate launch --config_file`.
+* accelerate: the config YAML (`accelerate config` format) for `accelerate launch
+  --config_file`, written by `vramplan.distributed.configs` (the one writer, which `estimate
+  --emit-launch` and `train` use too): mixed precision, the number of processes, and for several
+  GPUs the distributed section (MULTI_GPU for ddp, the FSDP plugin, or DeepSpeed with the path of
+  its JSON). For zero1/2/3 the DeepSpeed JSON comes with it. On stdout both are printed as one
+  YAML stream, the config first and, after a `---` line, the JSON (JSON is YAML), each under a
+  `# ==> NAME <==` line (as `head` separates files); the config then names the JSON by the
+  relative path `deepspeed.json`, so save the second document under that name in the folder
+  you launch from. `fit --emit accelerate --emit-dir FOLDER` writes the files there instead
+  (accelerate.yaml, deepspeed.json), the config naming the JSON by its absolute path.
+* For several GPUs the diffusers and kohya command lines launch with `--config_file
+  accelerate.yaml`, the config of `--emit accelerate`.
 
 Paths default to placeholders (./data, ./output, the model's Hub repository) unless given.
 """
@@ -219,7 +229,7 @@ def emit_diffusers(spec: TrainingSpec, paths: Paths = Paths()) -> str:
         cmd.add("--use_ema")
     cmd.add("--max_train_steps", paths.steps)
     cmd.add("--seed", 0)
-    return cmd.render(["accelerate", "launch", script])
+    return _several_gpus(spec) + cmd.render(_launch(spec) + [script])
 
 
 KOHYA_NETWORK_SCRIPT = {"sd1": "train_network.py", "sd2": "train_network.py", "sdxl": "sdxl_train_network.py",
@@ -323,7 +333,22 @@ def emit_kohya(spec: TrainingSpec, paths: Paths = Paths()) -> str:
     if spec.ema:
         cmd.notes.append("--ema (sd-scripts keeps no EMA of the weights)")
     cmd.add("--seed", 0)
-    return cmd.render(["accelerate", "launch", script])
+    return _several_gpus(spec) + cmd.render(_launch(spec) + [script])
+
+
+def _launch(spec: TrainingSpec) -> list[str]:
+    if spec.num_gpus > 1 or spec.strategy is not None:
+        return ["accelerate", "launch", "--config_file", "accelerate.yaml"]
+    return ["accelerate", "launch"]
+
+
+def _several_gpus(spec: TrainingSpec) -> str:
+    if spec.num_gpus <= 1 and spec.strategy is None:
+        return ""
+    what = spec.strategy.value if spec.strategy else "ddp"
+    return (f"# {spec.num_gpus} GPUs, {what}: write accelerate.yaml"
+            + (" and deepspeed.json" if spec.strategy is not None and spec.strategy.is_deepspeed else "")
+            + " with 'vramplan fit ... --emit accelerate --emit-dir .'\n")
 
 
 def accelerate_config(spec: TrainingSpec) -> dict:
@@ -334,13 +359,33 @@ def accelerate_config(spec: TrainingSpec) -> dict:
     return launch_config(spec)
 
 
-def emit_accelerate(spec: TrainingSpec, paths: Paths = Paths()) -> str:
-    import yaml
+def launch_files(spec: TrainingSpec) -> list[tuple[str, str]]:
+    """(file name, text): accelerate.yaml, and deepspeed.json for zero1/2/3, as one would save
+    them side by side (the YAML names the JSON by the relative path)."""
+    from vramplan.distributed.configs import ACCELERATE_YAML, DEEPSPEED_JSON, accelerate_yaml, deepspeed_json
 
-    header = (f"# accelerate config for vramplan's plan: {spec.model.key} {spec.method.value}, "
-              f"{spec.precision.value}, batch {spec.batch_size} x {spec.gradient_accumulation_steps}\n"
-              f"# use: accelerate launch --config_file THIS.yaml -m vramplan train --plan plan.json ...\n")
-    return header + yaml.safe_dump(accelerate_config(spec), sort_keys=True)
+    files = [(ACCELERATE_YAML, accelerate_yaml(spec, DEEPSPEED_JSON))]
+    if spec.strategy is not None and spec.strategy.is_deepspeed:
+        files.append((DEEPSPEED_JSON, deepspeed_json(spec)))
+    return files
+
+
+def emit_accelerate(spec: TrainingSpec, paths: Paths = Paths()) -> str:
+    """The launch files as one YAML stream (see the module docstring)."""
+    files = launch_files(spec)
+    if len(files) == 1:
+        return files[0][1]
+    return "\n---\n".join(f"# ==> {name} <==\n{text.rstrip()}" for name, text in files) + "\n"
+
+
+def write_accelerate(spec: TrainingSpec, folder) -> list:
+    """--emit-dir: the launch files written into `folder` (the one writer of distributed/configs)."""
+    from vramplan.distributed.configs import write_launch_files
+
+    try:
+        return write_launch_files(spec, folder)
+    except OSError as error:
+        raise UsageError(f"--emit-dir: cannot write to {str(folder)!r}: {error.strerror or error}") from None
 
 
 EMITTERS = {"diffusers": emit_diffusers, "kohya": emit_kohya, "accelerate": emit_accelerate}

@@ -4,14 +4,16 @@ Each constraint the user set (a fixed flag, a lower bound, a costly switch, the 
 relaxed alone, and the leanest plan of the relaxed space is estimated: a constraint whose
 relaxation fits is a blocker on its own. When none fits alone, all are relaxed together. The
 resolution, which fit lowers only under --min-resolution, is relaxed to the largest size whose
-leanest plan fits (a bisection over the sizes, memory growing with size).
+leanest plan fits (a bisection over the sizes, memory growing with size). On several GPUs a
+fixed --strategy / --offload is a constraint like any flag, and --host-ram is one when the
+leanest plan fits the cards but offloads more than the host holds.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from vramplan.fit.space import AXIS_FIELDS, Criterion, FitRequest, search_axes
+from vramplan.fit.space import AXIS_FIELDS, Criterion, FitRequest, search_axes, strategy_label
 from vramplan.spec import LoraTargets, Method, TrainingSpec, build_spec
 
 
@@ -27,8 +29,11 @@ def _rebuild(spec: TrainingSpec, drop: set = frozenset(), **changes) -> Training
             value = ",".join(str(v) for v in value)
         if value is not None:
             options[name] = value
+    options.pop("gpus", None)           # the card and the count are carried below
     options["model"] = spec.model
     options["gpu"] = spec.gpu
+    if spec.num_gpus > 1:
+        options["num_gpus"] = spec.num_gpus
     options.update(changes)
     return build_spec(options)
 
@@ -119,6 +124,9 @@ def explain(request: FitRequest, walk, closest) -> list:
         if plan is None or plan.spec == closest.spec:
             continue  # relaxing it changes nothing the leanest plan could use
         blockers.append(Blocker(words, _describe(plan.spec, closest.spec), plan.required_bytes, plan.fits))
+    host = _host_blocker(request, walk)
+    if host is not None:
+        blockers.append(host)
     resolution = _resolution_blocker(request, walk, closest)
     if resolution is not None:
         blockers.append(resolution)
@@ -131,13 +139,34 @@ def explain(request: FitRequest, walk, closest) -> list:
     return blockers
 
 
+def _host_blocker(request: FitRequest, walk):
+    """--host-ram: the best plan that fits the cards when host RAM is not checked, and the host
+    RAM it needs."""
+    from vramplan.fit.walk import Blocker, _Search, optimizer_state_sizes
+
+    if request.host_ram is None:
+        return None
+    relaxed = dataclasses.replace(request, host_ram=None, top=1)
+    sub = _Search(relaxed, search_axes(relaxed, optimizer_state_sizes(relaxed)), walk.margin, walk.estimator)
+    sub.walk()
+    walk.estimates += sub.estimates
+    if not sub.plans:
+        return None
+    plan = sub.plans[0][1]
+    spec = plan.spec
+    return Blocker(f"--host-ram {request.host_ram / 1e9:.1f}GB",
+                   f"{(plan.host_bytes or 0) / 1e9:.1f} GB of host RAM per node for "
+                   f"{strategy_label(spec.strategy, spec.offload, spec.fsdp_sharding)}: "
+                   + _describe(spec, request.spec), plan.required_bytes, True)
+
+
 def _describe(plan_spec: TrainingSpec, original: TrainingSpec) -> str:
     """The leanest relaxed plan's settings that differ from the user's, as flags."""
     words = []
     for name in ("method", "precision", "base_quant", "rank", "optimizer", "batch_size",
                  "gradient_accumulation_steps", "resolution", "gradient_checkpointing", "attention",
                  "cache_latents", "cache_text_embeddings", "train_text_encoder", "ema",
-                 "prior_preservation", "lora_targets"):
+                 "prior_preservation", "lora_targets", "strategy", "fsdp_sharding", "offload"):
         new, old = getattr(plan_spec, name), getattr(original, name)
         if new == old or new is None or (name == "lora_targets" and new is LoraTargets.ATTN):
             continue
@@ -168,7 +197,10 @@ def _resolution_blocker(request: FitRequest, walk, closest):
     from vramplan.fit.walk import _Search
 
     sub = _Search(wider, axes, walk.margin, walk.estimator)
-    lean = [axis.cheapest for axis in axes]
+    lean = sub.cheapest_completion(())
+    if lean is None:
+        return None
+    lean = list(lean)
 
     def plan_at(i):
         choice = list(lean)

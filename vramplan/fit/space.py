@@ -11,12 +11,38 @@ matters more than every later one together. The default objective, "keep quality
   rank        higher first, from --rank (default 16) down to --min-rank (default 4)
   optimizer   adamw > adamw8bit > adafactor (8-bit states, then factored second moments)
   batch       larger per-step batch first, with gradient accumulation keeping the effective batch
+  strategy    several GPUs only (--gpus N>1): how they share the work, least communication and
+              least host traffic first, in `vramplan.distributed.plan.OPTIONS` order:
+                ddp > zero1 > zero2 > fsdp shard-grad-op > fsdp full-shard > zero3
+                > zero2 + offload optimizer > zero3 + offload optimizer
+                > fsdp full-shard + offload params > zero3 + offload params
+              (DDP all-reduces the gradients; ZeRO-1/2 and SHARD_GRAD_OP move the same bytes, as a
+              reduce-scatter and an all-gather, ZeRO paper section 7; ZeRO-3 and FULL_SHARD gather
+              the parameters again in backward, 1.5x; offloading adds PCIe traffic and a CPU
+              optimizer step, parameters more than optimizer states). --strategy / --offload /
+              --fsdp-sharding fix what they name; the rest is searched.
   checkpointing  off > on (recomputing activations costs about a third more time per step)
   cache-latents, cache-text  off > on: they cost nothing in quality and save time per step, but
               fix the augmentation and take a preprocessing pass; being last, they are used
               whenever they let any earlier axis keep a better value
   attention   sdpa; xformers keeps what sdpa keeps and eager keeps more, so neither can fit
               where sdpa does not, and neither is searched unless --attention is given
+
+Where the strategy sits: after the quality axes (quantization, rank, optimizer, batch are kept as
+they are: sharding changes no result, only speed) and before checkpointing, so that fit turns on
+checkpointing and caching before it spreads state over the GPUs -- checkpointing costs a bounded
+third more compute on any machine, while what sharding and offloading cost depends on the
+interconnect (PCIe-only consumer cards pay the most), which is also the order of the DeepSpeed
+guide in transformers ("How to choose which ZeRO stage and offloads to use": gradient
+checkpointing first, then ZeRO stages, then offload). `--prefer strategy,...` or `--prefer speed`
+(batch, strategy, checkpointing first) changes it.
+
+The strategy's memory is not monotone along its values (ZeRO-3 can need more per GPU than FSDP
+FULL_SHARD, ZeRO-2 more than ZeRO-1: buckets), and some values cannot go with some values of other
+axes (DeepSpeed refuses pure 16-bit models, offloading runs AdamW only, a quantized base cannot be
+sharded): `strategy_axis` says which values are known never to need more than others (only an
+offload of the same strategy), and the search (walk.py) checks every value that may be the
+leanest, skipping the combinations the engines refuse (`combination_error`).
 
 `--prefer` moves named axes to the front (`--prefer batch,checkpointing` or `--prefer speed`),
 the rest keep the default order. Any flag the user gave fixes its axis to that one value.
@@ -29,8 +55,8 @@ from enum import Enum
 from typing import Callable
 
 from vramplan.errors import UsageError
-from vramplan.spec import (Attention, BaseQuant, Method, Optimizer, Precision, TrainingSpec,
-                           parse_resolution)
+from vramplan.spec import (Attention, BaseQuant, Method, Offload, Optimizer, Precision, Strategy,
+                           TrainingSpec, parse_resolution)
 
 
 class Criterion(str, Enum):
@@ -40,6 +66,7 @@ class Criterion(str, Enum):
     RANK = "rank"
     OPTIMIZER = "optimizer"
     BATCH = "batch"
+    STRATEGY = "strategy"
     CHECKPOINTING = "checkpointing"
     CACHE_LATENTS = "cache-latents"
     CACHE_TEXT = "cache-text"
@@ -50,14 +77,17 @@ class Criterion(str, Enum):
 
 
 QUALITY = (Criterion.RESOLUTION, Criterion.PRECISION, Criterion.QUANT, Criterion.RANK,
-           Criterion.OPTIMIZER, Criterion.BATCH, Criterion.CHECKPOINTING, Criterion.CACHE_LATENTS,
-           Criterion.CACHE_TEXT, Criterion.ATTENTION)
+           Criterion.OPTIMIZER, Criterion.BATCH, Criterion.STRATEGY, Criterion.CHECKPOINTING,
+           Criterion.CACHE_LATENTS, Criterion.CACHE_TEXT, Criterion.ATTENTION)
+_SPEED_FIRST = (Criterion.BATCH, Criterion.STRATEGY, Criterion.CHECKPOINTING)
 PRESETS = {
     "quality": QUALITY,
-    # speed first: the biggest per-step batch without recomputation, then quality as above
-    "speed": (Criterion.BATCH, Criterion.CHECKPOINTING) + tuple(
-        c for c in QUALITY if c not in (Criterion.BATCH, Criterion.CHECKPOINTING)),
+    # speed first: the biggest per-step batch, the least communication, no recomputation, then
+    # quality as above
+    "speed": _SPEED_FIRST + tuple(c for c in QUALITY if c not in _SPEED_FIRST),
 }
+# Axes whose values the engines do not accept in every combination (see `combination_error`).
+COUPLED = frozenset({Criterion.PRECISION, Criterion.QUANT, Criterion.OPTIMIZER, Criterion.STRATEGY})
 
 # The spec fields each axis sets: a flag the user gave for any of them fixes the axis.
 AXIS_FIELDS = {
@@ -67,6 +97,7 @@ AXIS_FIELDS = {
     Criterion.RANK: ("rank",),
     Criterion.OPTIMIZER: ("optimizer",),
     Criterion.BATCH: ("batch_size", "gradient_accumulation_steps"),
+    Criterion.STRATEGY: ("strategy", "offload", "fsdp_sharding"),
     Criterion.CHECKPOINTING: ("gradient_checkpointing",),
     Criterion.CACHE_LATENTS: ("cache_latents",),
     Criterion.CACHE_TEXT: ("cache_text_embeddings",),
@@ -110,10 +141,16 @@ class Axis:
     # (adamw8bit and adafactor do not compare), which `cheaper` says.
     cheaper: Callable[[int, int], bool] | None = None
     cheapest: int = -1           # the value with the least memory
+    # The values that together bound the axis from below: every value needs at least as much as
+    # one of them. One value (`cheapest`) for every axis but the strategy, whose values do not
+    # all compare; listed the likeliest-leanest first.
+    floor: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.cheapest < 0:
             object.__setattr__(self, "cheapest", len(self.values) - 1)
+        if not self.floor:
+            object.__setattr__(self, "floor", (self.cheapest,))
 
     def never_more(self, a: int, b: int) -> bool:
         return self.cheaper(a, b) if self.cheaper is not None else a >= b
@@ -132,20 +169,27 @@ class FitRequest:
     top: int = 5
     margin: float | None = None     # None: the estimator's error band (see `vramplan.fit.margin`)
     given: frozenset = field(default_factory=frozenset)
+    host_ram: int | None = None     # bytes of host RAM per node a plan may use (None: unchecked)
 
     @property
     def gpu(self):
         return self.spec.gpu
 
+    @property
+    def distributed(self) -> bool:
+        """Several GPUs under a strategy: the estimate is one GPU's, host RAM is counted."""
+        return self.spec.is_distributed
+
 
 def fit_request(spec: TrainingSpec, *, effective_batch: int | None = None, min_rank: int | None = None,
                 min_resolution: int | None = None, prefer: str | tuple | None = None, top: int = 5,
-                margin: float | None = None) -> FitRequest:
+                margin: float | None = None, host_ram: int | None = None) -> FitRequest:
     """Check what only fit has (a card, bounds that agree with the spec) and build the request."""
     if spec.gpu is None:
-        raise UsageError("fit needs the card: give --gpu (a size like 8GB, or a name from 'vramplan gpus')")
-    if spec.num_gpus != 1:
-        raise UsageError("fit plans one GPU for now (several GPUs are issue 6)")
+        raise UsageError("fit needs the card: give --gpu (a size like 8GB, or a name from 'vramplan gpus'), "
+                         "or --gpus COUNTxCARD for several")
+    if host_ram is not None and host_ram <= 0:
+        raise UsageError(f"--host-ram: {host_ram} bytes is too small")
     given = frozenset(spec.given)
     if min_rank is not None:
         if spec.rank is None:
@@ -181,7 +225,7 @@ def fit_request(spec: TrainingSpec, *, effective_batch: int | None = None, min_r
         raise UsageError(f"--margin: {margin:g} must be a fraction between 0 and 1 (e.g. 0.05)")
     order = parse_prefer(prefer) if not isinstance(prefer, tuple) else prefer
     return FitRequest(spec=spec, effective_batch=batch, min_rank=min_rank, min_resolution=min_resolution,
-                      prefer=order, top=top, margin=margin, given=given)
+                      prefer=order, top=top, margin=margin, given=given, host_ram=host_ram)
 
 
 # -- the axes ------------------------------------------------------------------------------------
@@ -301,6 +345,82 @@ def _switch(request: FitRequest, criterion: Criterion, name: str, label: str, al
     return Axis(criterion, ({name: False}, {name: True}), ("-", label))
 
 
+OFFLOAD_RANK = {Offload.NONE: 0, Offload.OPTIMIZER: 1, Offload.PARAMS: 2}
+
+
+def strategy_label(strategy: Strategy | None, offload: Offload = Offload.NONE, sharding=None) -> str:
+    """"zero2", "fsdp full-shard", "zero3 +offload params": how the plan table names a strategy."""
+    if strategy is None:
+        return "-"
+    text = strategy.value + (f" {sharding.value}" if sharding is not None else "")
+    return text + (f" +offload {offload.value}" if offload is not Offload.NONE else "")
+
+
+def _permissive(request: FitRequest) -> TrainingSpec:
+    """The spec with the coupled axes the user left free at their best values, which every
+    strategy accepts (mixed precision, no quantization, AdamW): the options are filtered by what
+    the user fixed, not by a default the search will change anyway."""
+    spec, given = request.spec, request.given
+    changes = {}
+    if "precision" not in given and spec.gpu is not None:
+        changes["precision"] = Precision.BF16 if spec.gpu.bf16 else Precision.FP16
+    if "base_quant" not in given:
+        changes["base_quant"] = BaseQuant.NONE
+    if "optimizer" not in given:
+        changes.update(optimizer=Optimizer.ADAMW, momentum=None)
+    return spec.replace(given=given, **changes)
+
+
+def strategy_axis(request: FitRequest) -> Axis:
+    """Several GPUs: the strategy / offload / FSDP sharding options the method can run, in
+    `distributed_options` order (least communication first). Memory order: an offload never
+    needs more GPU memory than the same strategy without it; nothing else is claimed, so the
+    floor is the most-offloaded option of each strategy."""
+    spec = request.spec
+    label = strategy_label(spec.strategy, spec.offload, spec.fsdp_sharding)
+    if not spec.is_distributed:
+        return _fixed(Criterion.STRATEGY, spec, label)
+    from vramplan.distributed.plan import distributed_options
+
+    options = distributed_options(_permissive(request))
+    if not options:
+        # what the user fixed is a combination fit does not list (zero1 with an offload): keep it
+        return _fixed(Criterion.STRATEGY, spec, label)
+    values = tuple({"strategy": o.strategy, "offload": o.offload, "fsdp_sharding": o.fsdp_sharding}
+                   for o in options)
+    labels = tuple(strategy_label(o.strategy, o.offload, o.fsdp_sharding) for o in options)
+    if len(options) == 1:
+        return Axis(Criterion.STRATEGY, values, labels,
+                    fixed=all(f in request.given for f in ("strategy", "offload")))
+
+    def same_strategy(a: int, b: int) -> bool:
+        return (options[a].strategy, options[a].fsdp_sharding) == (options[b].strategy, options[b].fsdp_sharding)
+
+    def cheaper(a: int, b: int) -> bool:
+        return a == b or (same_strategy(a, b)
+                          and OFFLOAD_RANK[options[a].offload] >= OFFLOAD_RANK[options[b].offload])
+
+    floor = [i for i in range(len(options))
+             if not any(j != i and cheaper(j, i) and not cheaper(i, j) for j in range(len(options)))]
+    floor.sort(key=lambda i: (-OFFLOAD_RANK[options[i].offload], -i))
+    return Axis(Criterion.STRATEGY, values, labels, cheaper=cheaper, cheapest=floor[0], floor=tuple(floor))
+
+
+def combination_error(spec: TrainingSpec) -> str | None:
+    """Why the engines refuse this combination of values (the spec's own validation: DeepSpeed
+    with a pure 16-bit model, an offload with an optimizer other than AdamW, a sharded quantized
+    base ...), or None. Only several-GPU specs have such combinations."""
+    if not spec.is_distributed:
+        return None
+    from vramplan.spec import spec_from_json
+
+    try:
+        spec_from_json({k: v for k, v in spec.to_json().items() if v is not None})
+    except UsageError as error:
+        return str(error)
+    return None
+
+
 def attention_axis(request: FitRequest) -> Axis:
     spec = request.spec
     if _is_given(request, Criterion.ATTENTION):
@@ -319,6 +439,7 @@ def search_axes(request: FitRequest, optimizer_state_bytes: list[int] | None = N
         Criterion.RANK: lambda: rank_axis(request),
         Criterion.OPTIMIZER: lambda: optimizer_axis(request, optimizer_state_bytes),
         Criterion.BATCH: lambda: batch_axis(request),
+        Criterion.STRATEGY: lambda: strategy_axis(request),
         Criterion.CHECKPOINTING: lambda: _switch(request, Criterion.CHECKPOINTING, "gradient_checkpointing", "on"),
         Criterion.CACHE_LATENTS: lambda: _switch(request, Criterion.CACHE_LATENTS, "cache_latents", "cached"),
         Criterion.CACHE_TEXT: lambda: _switch(request, Criterion.CACHE_TEXT, "cache_text_embeddings", "cached",

@@ -27,10 +27,23 @@ estimate costs 0.6-0.9 s, which dominates the search.
 A plan fits when its device use plus the safety margin is within the card. With gradient
 accumulation the gradients stay alive between micro-steps, through the next forward; `estimate`
 replays the micro-steps and counts them.
+
+Several GPUs (`--gpus N>1`): every candidate is one GPU's footprint under the candidate's strategy
+(`vramplan.distributed.plan.per_gpu_records`, the first half of `estimate_distributed`; the
+winner gets the whole distributed estimate, with the same footprint). Two things change in the
+walk. The strategy axis has no single leanest value, so a subtree's lower bound is a set
+(`floor_completions`): one completion per value that may be the leanest, and the subtree is cut
+only when none of them fits. And some combinations do not exist (DeepSpeed with a pure 16-bit
+model, an offload with 8-bit Adam, a sharded quantized base): they are never estimated nor
+listed, and the bounds are taken over the combinations that exist (the Pareto-least of them).
+A plan that offloads also needs host RAM per node (`Plan.host_bytes`, what the engines pin and
+keep on the CPU for every GPU of the node): it is always shown, and checked against
+`--host-ram` when given.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import time
@@ -43,7 +56,7 @@ from vramplan.estimate.overheads import cublas_workspace_bytes, cuda_context_byt
 from vramplan.estimate.result import Estimate
 from vramplan.estimate.weights import weight_tensors
 from vramplan.fit.margin import SafetyMargin, safety_margin
-from vramplan.fit.space import Axis, FitRequest, apply_values, search_axes
+from vramplan.fit.space import COUPLED, Axis, FitRequest, apply_values, combination_error, search_axes
 from vramplan.gpus import CATALOG, Gpu
 from vramplan.methods import get_method
 from vramplan.models.inventory import load_model_inventories
@@ -61,6 +74,8 @@ class Plan:
     accumulation_bytes: int          # gradients kept between micro-steps (not in the estimate)
     required_bytes: int              # (device used + accumulation) * (1 + margin)
     choice: tuple[int, ...] = ()     # each axis's value index (0 = the axis's best)
+    host_bytes: int | None = None    # several GPUs: host RAM per node for offloaded tensors
+    host_limit: int | None = None    # --host-ram, None: not checked
 
     @property
     def capacity_bytes(self) -> int:
@@ -76,13 +91,25 @@ class Plan:
         return self.capacity_bytes - self.required_bytes
 
     @property
-    def fits(self) -> bool:
+    def device_fits(self) -> bool:
         return self.headroom_bytes >= 0
 
+    @property
+    def host_fits(self) -> bool:
+        return self.host_limit is None or (self.host_bytes or 0) <= self.host_limit
+
+    @property
+    def fits(self) -> bool:
+        return self.device_fits and self.host_fits
+
     def to_json(self) -> dict:
-        return {"spec": self.spec.to_json(), "device_used_bytes": self.estimate.footprint.device_used_bytes,
-                "accumulation_bytes": self.accumulation_bytes, "required_bytes": self.required_bytes,
-                "headroom_bytes": self.headroom_bytes, "fits": self.fits}
+        out = {"spec": self.spec.to_json(), "device_used_bytes": self.estimate.footprint.device_used_bytes,
+               "accumulation_bytes": self.accumulation_bytes, "required_bytes": self.required_bytes,
+               "headroom_bytes": self.headroom_bytes, "fits": self.fits}
+        if self.spec.is_distributed:
+            out.update(per_gpu=True, num_gpus=self.spec.num_gpus, host_ram_bytes_per_node=self.host_bytes or 0,
+                       host_ram_limit_bytes=self.host_limit, host_fits=self.host_fits)
+        return out
 
 
 @dataclass(frozen=True)
@@ -124,7 +151,8 @@ class FitResult:
 
     def to_json(self) -> dict:
         out = {"fits": self.fits, "margin": self.margin.fraction, "margin_source": self.margin.source,
-               "prefer": [c.value for c in self.request.prefer],
+               "prefer": [c.value for c in self.request.prefer], "num_gpus": self.request.spec.num_gpus,
+               "host_ram_limit_bytes": self.request.host_ram,
                "plans": [p.to_json() for p in self.plans], "estimates": self.estimates,
                "seconds": round(self.seconds, 3), "notes": list(self.notes)}
         if self.closest is not None:
@@ -149,16 +177,57 @@ def _key(spec: TrainingSpec) -> str:
     return json.dumps(spec.to_json(), sort_keys=True)
 
 
+@dataclass(frozen=True)
+class PerGpuShare:
+    """What a search estimate keeps of a distributed plan beside one GPU's footprint: host RAM,
+    the model states per GPU and the engines' rules (the whole `DistributedPlan`, with the
+    single-GPU comparison and what an offload saves, is computed for the winner only)."""
+
+    host: object                     # vramplan.distributed.host.HostRam
+    model_states: dict
+    rules: tuple
+
+    def per_gpu_json(self, estimate: Estimate) -> dict:
+        spec = estimate.spec
+        return {"strategy": spec.strategy.value, "offload": spec.offload.value, "num_gpus": spec.num_gpus,
+                "device_used_bytes": estimate.footprint.device_used_bytes,
+                "model_states": dict(self.model_states), "rules": list(self.rules)}
+
+
+def per_gpu_estimate(spec: TrainingSpec) -> Estimate:
+    """One GPU's footprint under the spec's strategy, and host RAM: what `estimate_distributed`
+    computes first, without the same spec on one GPU and the no-offload comparison it adds for
+    the report (a third to a half of its time)."""
+    from vramplan.distributed.plan import per_gpu_records
+    from vramplan.footprint_build import build_footprint
+
+    rw, states, host, rules = per_gpu_records(spec, load_model_inventories(spec.model))
+    footprint, _, notes = build_footprint(rw.records, rw.phases, spec.gpu, "estimate")
+    return Estimate(spec=spec, parameters={}, footprint=footprint, notes=tuple(notes),
+                    distributed=PerGpuShare(host, states, tuple(rules)))
+
+
 def _default_estimator(spec: TrainingSpec) -> Estimate:
+    if spec.is_distributed:
+        return per_gpu_estimate(spec)
     import vramplan.estimate
 
     return vramplan.estimate.estimate(spec)
 
 
+def host_bytes(estimate: Estimate) -> int | None:
+    """Host RAM per node of a distributed estimate (offloaded tensors), None for one GPU."""
+    host = getattr(estimate.distributed, "host", None)
+    return None if host is None else host.bytes_per_node
+
+
 def static_bytes(spec: TrainingSpec, inventories: dict) -> int:
     """A lower bound of device used that needs no step replay: what is alive together when the
     second step's backward has made its last gradient -- resident weights, the optimizer states
-    of the first step, every gradient -- plus one cuBLAS workspace and the CUDA context."""
+    of the first step, every gradient -- plus one cuBLAS workspace and the CUDA context. One GPU
+    only: a strategy shards these, so a distributed spec has no such bound (0)."""
+    if spec.is_distributed:
+        return 0
     weights = sum(t.nbytes for t in weight_tensors(spec, inventories))
     trained = get_method(spec.method).trainable_tensors(spec, inventories)
     itemsize = ITEMSIZE[trainable_dtype(spec)]
@@ -189,10 +258,26 @@ class _Search:
         self.decided_free = 0
         self.unavailable: dict[str, TrainingSpec] = {}   # why a candidate could not be estimated
         self.banned: set[tuple[int, int]] = set()        # (axis, value) the estimate cannot count
+        # several GPUs: combinations of the coupled axes' values the engines refuse
+        self.combinations = request.distributed
+        self.coupled = tuple(i for i, a in enumerate(axes) if a.criterion in COUPLED)
+        self._valid: dict[tuple, bool] = {}
+        self._floors: dict[tuple, list] = {}
 
     # -- one candidate -----------------------------------------------------------------------
     def spec(self, choice: tuple) -> TrainingSpec:
         return apply_values(self.request, self.axes, choice)
+
+    def valid(self, choice: tuple) -> bool:
+        """Is this a combination the engines run? (Always, on one GPU.) Only the coupled axes
+        (precision, quantization, optimizer, strategy) decide it, so it is cached by them."""
+        if not self.combinations:
+            return True
+        key = tuple(choice[i] for i in self.coupled)
+        known = self._valid.get(key)
+        if known is None:
+            known = self._valid[key] = combination_error(self.spec(choice)) is None
+        return known
 
     def estimate(self, spec: TrainingSpec) -> Estimate | None:
         """The estimate, or None where the analytic tier cannot count this spec (a trace not
@@ -236,7 +321,10 @@ class _Search:
         return all(axis.never_more(x, y) for axis, x, y in zip(self.axes, a, b))
 
     def fits_raw(self, choice: tuple, prefix: tuple | None = None) -> bool:
-        """Does the candidate's device use (plus the margin) fit, accumulation aside?"""
+        """Does the candidate's device use (plus the margin) fit, accumulation aside? A
+        combination that does not exist does not fit, and teaches nothing about its neighbours."""
+        if not self.valid(choice):
+            return False
         known = self.fit_raw.get(choice)
         if known is not None:
             return known
@@ -271,25 +359,25 @@ class _Search:
         if not self.plans:
             return True
         hopes = [i for i, axis in enumerate(self.axes)
-                 if choice[i] != axis.cheapest and any(found[i] > choice[i] for found, _ in self.plans)]
+                 if choice[i] not in axis.floor and any(found[i] > choice[i] for found, _ in self.plans)]
         if not hopes:
             return True
         for depth in range(len(prefix) + 1):
-            if depth and prefix[depth - 1] == self.axes[depth - 1].cheapest:
+            if depth and prefix[depth - 1] == self.axes[depth - 1].cheapest and not self.combinations:
                 continue  # the same probes as one axis up
-            base = self.cheapest_completion(prefix[:depth])
             free = [i for i in hopes if i >= depth]
             # each hoped-for value alone, then all of them together
             for group in [[i] for i in free] + ([free] if len(free) > 1 else []):
-                probe = list(base)
-                for i in group:
-                    probe[i] = choice[i]
-                probe = tuple(probe)
-                if probe != choice and not self.fits_raw(probe):
+                probes = self.floor_completions(prefix[:depth], {i: choice[i] for i in group})
+                if not probes or choice in probes:
+                    continue  # no bound, or the candidate is its own
+                if not any(self.fits_raw(probe) for probe in probes):
                     return False
         return True
 
     def plan(self, choice: tuple) -> Plan | None:
+        if not self.valid(choice):
+            return None
         spec = self.spec(choice)
         estimate = self.estimate(spec)
         if estimate is None:
@@ -298,7 +386,8 @@ class _Search:
         required = self.margin.required(estimate.footprint.device_used_bytes + extra)
         labels = tuple(axis.labels[i] for axis, i in zip(self.axes, choice))
         return Plan(spec=spec, estimate=estimate, labels=labels, accumulation_bytes=extra,
-                    required_bytes=required, choice=tuple(choice))
+                    required_bytes=required, choice=tuple(choice), host_bytes=host_bytes(estimate),
+                    host_limit=self.request.host_ram)
 
     def fits(self, choice: tuple, prefix: tuple = ()) -> Plan | None:
         """The plan if it fits, accumulation included (`prefix`: the walk's node, for probes)."""
@@ -308,9 +397,13 @@ class _Search:
         return plan if plan is not None and plan.fits else None
 
     def leanest_available(self) -> Plan | None:
-        """The least-memory plan the estimate can count: the cheapest completion, else the
-        nearest one with one axis moved off a value it cannot count."""
-        lean = self.cheapest_completion(())
+        """The least-memory plan the estimate can count: the leanest of the floor completions,
+        else the nearest one with one axis moved off a value it cannot count."""
+        floors = self.floor_completions(())
+        plans = [plan for plan in (self.plan(choice) for choice in floors) if plan is not None]
+        if plans:
+            return min(plans, key=lambda p: (p.required_bytes, p.choice))
+        lean = floors[0] if floors else self._lowest_completion(())
         candidates = [lean]
         for i, axis in enumerate(self.axes):
             for value in reversed(range(len(axis.values))):
@@ -326,26 +419,91 @@ class _Search:
     def best_completion(self, prefix: tuple) -> tuple:
         return prefix + (0,) * (len(self.axes) - len(prefix))
 
-    def cheapest_completion(self, prefix: tuple) -> tuple:
-        rest = []
-        for i in range(len(prefix), len(self.axes)):
-            axis = self.axes[i]
-            value = axis.cheapest
-            if not self.allowed(i, value):
-                usable = [v for v in range(len(axis.values)) if self.allowed(i, v)]
-                value = usable[-1] if usable else value
-            rest.append(value)
-        return prefix + tuple(rest)
+    def _lowest(self, i: int) -> int:
+        axis = self.axes[i]
+        value = axis.cheapest
+        if not self.allowed(i, value):
+            usable = [v for v in range(len(axis.values)) if self.allowed(i, v)]
+            value = usable[-1] if usable else value
+        return value
+
+    def _lowest_completion(self, prefix: tuple) -> tuple:
+        return prefix + tuple(self._lowest(i) for i in range(len(prefix), len(self.axes)))
+
+    def cheapest_completion(self, prefix: tuple) -> tuple | None:
+        """One completion of the prefix with the least memory (the likeliest-leanest of the
+        floor on several GPUs), None when no combination of the prefix exists."""
+        floors = self.floor_completions(prefix)
+        return floors[0] if floors else None
+
+    def floor_completions(self, prefix: tuple, pins: dict | None = None) -> list[tuple]:
+        """Completions of `prefix` (with `pins`: {axis: value} fixed too) that bound the subtree
+        from below: every candidate in it needs at least as much memory as one of them.
+
+        One GPU: one completion, every free axis at its cheapest value. Several GPUs: the free
+        coupled axes (precision, quantization, optimizer, strategy) take every combination that
+        exists and is least by the axes' memory orders (no other existing one is no hungrier on
+        all of them); the strategy's own floor has several values, and a coupled axis may have
+        to leave its cheapest value for a combination to exist (offloading needs AdamW)."""
+        pins = pins or {}
+        key = (prefix, tuple(sorted(pins.items())))
+        known = self._floors.get(key)
+        if known is not None:
+            return known
+        fixed = dict(enumerate(prefix))
+        fixed.update(pins)
+        base = [fixed[i] if i in fixed else self._lowest(i) for i in range(len(self.axes))]
+        free = [i for i in self.coupled if i not in fixed and len(self.axes[i].values) > 1]
+        if not self.combinations or not free:
+            out = [tuple(base)] if self.valid(tuple(base)) else []
+        else:
+            out = self._least_combinations(base, free)
+        self._floors[key] = out
+        return out
+
+    def _least_combinations(self, base: list, free: list[int]) -> list[tuple]:
+        def rank(i: int, v: int) -> int:
+            floor = self.axes[i].floor
+            return floor.index(v) if v in floor else len(floor) + len(self.axes[i].values) - 1 - v
+
+        values = [[v for v in range(len(self.axes[i].values)) if self.allowed(i, v)] for i in free]
+        existing = []
+        for combo in itertools.product(*values):
+            choice = list(base)
+            for i, v in zip(free, combo):
+                choice[i] = v
+            if self.valid(tuple(choice)):
+                existing.append(combo)
+        existing.sort(key=lambda combo: [rank(i, v) for i, v in zip(free, combo)])
+
+        def no_hungrier(a, b):
+            return all(self.axes[i].never_more(x, y) for i, x, y in zip(free, a, b))
+
+        least = []
+        for combo in existing:   # leanest-looking first: a tie keeps the first one
+            if not any(no_hungrier(kept, combo) for kept in least):
+                least = [kept for kept in least if not no_hungrier(combo, kept)] + [combo]
+        out = []
+        for combo in least:
+            choice = list(base)
+            for i, v in zip(free, combo):
+                choice[i] = v
+            out.append(tuple(choice))
+        return out
 
     def dominated(self, choice: tuple) -> bool:
         """An already listed plan is at least as good on every axis."""
         return any(all(x <= y for x, y in zip(found, choice)) for found, _ in self.plans)
 
+    def floor_fits(self, prefix: tuple) -> bool:
+        """May anything in the subtree fit? (Any of its floor completions does.)"""
+        return any(self.fits_raw(choice, prefix) for choice in self.floor_completions(prefix))
+
     def walk(self, prefix: tuple = ()) -> None:
         if len(self.plans) >= self.request.top:
             return
         best = self.best_completion(prefix)
-        if not all(self.allowed(i, v) for i, v in enumerate(best)):
+        if not all(self.allowed(i, v) for i, v in enumerate(best)) or not self.valid(best):
             best = None
         if best is not None:
             if self.dominated(best):
@@ -356,7 +514,7 @@ class _Search:
                 return
         if len(prefix) == len(self.axes):
             return
-        if not self.fits_raw(self.cheapest_completion(prefix), prefix):
+        if not self.floor_fits(prefix):
             return
         for index in range(len(self.axes[len(prefix)].values)):
             if self.allowed(len(prefix), index):
@@ -383,6 +541,7 @@ def search(request: FitRequest, estimator: Estimator | None = None,
            margin: SafetyMargin | None = None) -> FitResult:
     """The best plans for the request, best first, or why none fits."""
     start = time.perf_counter()
+    whole = estimator is None        # the real estimate: the winner gets its whole distributed one
     estimator = estimator or _default_estimator
     margin = margin or safety_margin(request.margin)
     axes = search_axes(request, optimizer_state_sizes(request))
@@ -396,6 +555,9 @@ def search(request: FitRequest, estimator: Estimator | None = None,
         notes.append("with gradient accumulation the gradients stay alive between micro-steps; "
                      "fit counts them on top of the one-step estimate")
     if plans:
+        if whole:
+            plans = (with_whole_estimate(plans[0]),) + plans[1:]
+        notes += distributed_notes(request, plans)
         return FitResult(request=request, axes=tuple(axes), margin=margin, plans=plans,
                          estimates=walk.estimates, decided_free=walk.decided_free,
                          seconds=time.perf_counter() - start, notes=tuple(notes))
@@ -405,10 +567,43 @@ def search(request: FitRequest, estimator: Estimator | None = None,
     blockers = explain(request, walk, closest) if closest is not None else []
     smallest = smallest_card(closest) if closest is not None else None
     notes = [f"not searched, the estimate cannot count it: {why}" for why in walk.unavailable]
+    if closest is not None and whole:
+        closest = with_whole_estimate(closest)
+    notes += distributed_notes(request, (closest,) if closest is not None else ())
     return FitResult(request=request, axes=tuple(axes), margin=margin, plans=(), closest=closest,
                      blockers=tuple(blockers), smallest_card=smallest, estimates=walk.estimates,
                      decided_free=walk.decided_free, seconds=time.perf_counter() - start,
                      notes=tuple(notes))
+
+
+def with_whole_estimate(plan: Plan) -> Plan:
+    """The plan with the whole distributed estimate (`estimate_distributed`: per-GPU model
+    states, the same spec on one GPU, what an offload saves, the published formulas), whose
+    footprint is the one the search used."""
+    if not plan.spec.is_distributed or not isinstance(plan.estimate.distributed, PerGpuShare):
+        return plan
+    import dataclasses
+
+    import vramplan.estimate
+
+    return dataclasses.replace(plan, estimate=vramplan.estimate.estimate(plan.spec))
+
+
+def distributed_notes(request: FitRequest, plans) -> list[str]:
+    """What a several-GPU table means: per GPU, batch per GPU, host RAM checked or not."""
+    spec = request.spec
+    if not request.distributed:
+        return []
+    notes = [f"per GPU: device used, the margin and the grid are one GPU's of {spec.num_gpus}; --batch-size "
+             f"is per GPU, as accelerate counts it, so each optimizer step takes {spec.num_gpus} x the "
+             f"batch x the accumulation images"]
+    if request.host_ram is not None:
+        notes.append(f"host RAM per node (the offloaded tensors of all {spec.num_gpus} GPUs) checked against "
+                     f"--host-ram {request.host_ram / 1e9:.1f} GB")
+    elif any(p.host_bytes for p in plans):
+        notes.append("host RAM per node (offloaded tensors only) is not checked: give --host-ram SIZE "
+                     "to rule out plans the machine cannot hold")
+    return notes
 
 
 def smallest_card(plan: Plan) -> Gpu | None:

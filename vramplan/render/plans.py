@@ -1,6 +1,8 @@
 """What `vramplan fit` found: the top plans in a table, the winner's grid, or why nothing fits.
 
-Only formats a `FitResult` (vramplan.fit.walk); nothing here searches or estimates.
+Only formats a `FitResult` (vramplan.fit.walk); nothing here searches or estimates. On several
+GPUs the sizes are one GPU's, a column gives each plan's host RAM per node (what offloading keeps
+on the CPU; red when over --host-ram), and the winner's panel shows how the GPUs share the work.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from vramplan.render.tables import FITS_COLOR, grid_panel, method_summary, notes
 from vramplan.units import format_bytes
 
 HEADERS = {"resolution": "resolution", "precision": "precision", "quant": "base", "rank": "rank",
-           "optimizer": "optimizer", "batch": "batch", "checkpointing": "GC",
+           "optimizer": "optimizer", "batch": "batch", "strategy": "strategy", "checkpointing": "GC",
            "cache-latents": "latents", "cache-text": "text emb.", "attention": "attention"}
 
 
@@ -23,8 +25,11 @@ def _title(result) -> Text:
     spec = result.request.spec
     gpu = spec.gpu
     unit = display_unit(gpu)
+    card = f"{gpu.name} ({format_bytes(gpu.memory_bytes, unit)})"
+    if spec.num_gpus > 1:
+        card = f"{spec.num_gpus} × {gpu.name} ({format_bytes(gpu.memory_bytes, unit)} each)"
     return Text.assemble(("vramplan fit", "bold"), f"  {spec.model.name} · {method_summary(spec)} · ",
-                         (f"{gpu.name} ({format_bytes(gpu.memory_bytes, unit)})", "bold"))
+                         (card, "bold"))
 
 
 def plans_table(result, plans=None, *, highlight_first: bool = True) -> Table:
@@ -38,9 +43,14 @@ def plans_table(result, plans=None, *, highlight_first: bool = True) -> Table:
     for i in varied:
         table.add_column(HEADERS.get(result.axes[i].criterion.value, result.axes[i].criterion.value),
                          no_wrap=True)
-    table.add_column("device used", justify="right", no_wrap=True)
+    several = result.request.distributed
+    table.add_column("used per GPU" if several else "device used", justify="right", no_wrap=True)
     table.add_column(f"+{100 * result.margin.fraction:g}% margin", justify="right", no_wrap=True)
     table.add_column("free", justify="right", no_wrap=True)
+    limit = result.request.host_ram
+    if several:
+        table.add_column("host RAM/node" + (f" (≤ {format_bytes(limit, unit)})" if limit else ""),
+                         justify="right", no_wrap=True)
     for n, plan in enumerate(plans, 1):
         free = plan.headroom_bytes
         free_text = Text(format_bytes(free, unit),
@@ -50,8 +60,23 @@ def plans_table(result, plans=None, *, highlight_first: bool = True) -> Table:
             used += "*"
         row = [str(n)] + [plan.labels[i] for i in varied] + [used, format_bytes(plan.required_bytes, unit),
                                                               free_text]
+        if several:
+            host = plan.host_bytes or 0
+            row.append(Text(format_bytes(host, unit) if host else "-",
+                            Style(color=OVER_COLOR, bold=True) if not plan.host_fits else ""))
         table.add_row(*row, style="bold" if n == 1 and highlight_first else None)
     return table
+
+
+def distributed_panel(estimate):
+    """How the GPUs share the work, host RAM, what an offload saves: the panel `estimate` draws
+    for a distributed plan, when the plan has the whole distributed estimate."""
+    plan = getattr(estimate, "distributed", None)
+    if plan is None or not hasattr(plan, "single_gpu_peak_allocated_bytes"):
+        return None
+    from vramplan.distributed.view import distributed_view
+
+    return distributed_view(estimate, display_unit(estimate.gpu))
 
 
 def _footer(result) -> list[RenderableType]:
@@ -77,10 +102,20 @@ def fit_view(result) -> Group:
              plans_table(result), Text(""),
              spec_panel(best.spec, title="the winner"),
              grid_panel(best.estimate)]
+    shared = distributed_panel(best.estimate)
+    if shared is not None:
+        parts.append(shared)
     unit = display_unit(result.request.gpu)
+    per_gpu = " per GPU" if result.request.distributed else ""
     parts.append(Text.assemble(("✓ fits", Style(color=FITS_COLOR, bold=True)), " with the margin: needs ",
-                               (format_bytes(best.required_bytes, unit), "bold"), ", ",
+                               (format_bytes(best.required_bytes, unit), "bold"), per_gpu, ", ",
                                (format_bytes(best.headroom_bytes, unit), "bold"), " left"))
+    if result.request.distributed:
+        host = best.host_bytes or 0
+        checked = (f" (--host-ram {format_bytes(result.request.host_ram, unit)})" if result.request.host_ram
+                   else " (not checked: --host-ram SIZE)")
+        parts.append(Text(f"host RAM per node for offloaded tensors: {format_bytes(host, unit)}"
+                          + (checked if host else ""), "dim"))
     return Group(*parts, *_footer(result))
 
 
@@ -125,6 +160,9 @@ def no_fit_view(result) -> Group:
                           f"or larger."))
     if closest is not None:
         parts += [Text(""), spec_panel(closest.spec, title="the closest plan"), grid_panel(closest.estimate)]
+        shared = distributed_panel(closest.estimate)
+        if shared is not None:
+            parts.append(shared)
     return Group(*parts, *_footer(result))
 
 

@@ -12,10 +12,15 @@
    `--checkpoint-every` steps a checkpoint is written atomically; `--resume` restores the last.
 5. Save the result (vramplan.train.save), print the predicted peak (the analytic estimate of the
    plan) beside the measured one, and hand the measurement to the profile store if it exists.
+
+A plan for several GPUs runs as N processes: `train()` in the process the user started launches
+them (vramplan.train.launch), and in each of them runs as one rank (vramplan.train.ranks), which
+prepares the step with accelerate's Accelerator and shards the data; rank 0 alone writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import random
@@ -51,7 +56,8 @@ def choose_device(requested: str) -> str:
 
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world > 1:
-        raise UsageError(f"train runs on one GPU for now (WORLD_SIZE={world}); several GPUs are issue 6")
+        raise UsageError(f"the plan is for one GPU but {world} processes were started (WORLD_SIZE={world}): "
+                         f"make a plan for them with 'vramplan fit --gpus {world}xCARD'")
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise UsageError("--device cuda: this machine has no CUDA device")
@@ -73,10 +79,26 @@ def seed_everything(seed: int) -> None:
 class Run:
     """One training run; `train()` below drives it."""
 
-    def __init__(self, spec: TrainingSpec, train_spec: TrainingSpec, options: TrainOptions, console: Console):
+    def __init__(self, spec: TrainingSpec, train_spec: TrainingSpec, options: TrainOptions, console: Console,
+                 rank=None):
         self.spec, self.options, self.console = spec, options, console
         self.train_spec = train_spec   # the plan on the folder's own configs and inventories
         self.output = Path(options.output)
+        self.rank = rank               # vramplan.train.ranks.Rank: one process of several, else None
+        self.seen: list[int] = []      # instance examples this rank trained on (several processes)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank is None or self.rank.is_main
+
+    def _indices(self, sampler, micro_step: int) -> list[int]:
+        """Rank r of W takes micro-batch m*W + r of the one step-determined order."""
+        if self.rank is None:
+            return sampler.indices(micro_step)
+        indices = sampler.indices(micro_step * self.rank.world + self.rank.index)
+        if sampler is self.sampler:
+            self.seen.extend(indices)
+        return indices
 
     # -- setup ---------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -188,9 +210,9 @@ class Run:
         from vramplan.train import data
 
         spec = self.train_spec
-        examples = [self.instance.examples[i] for i in self.sampler.indices(micro_step)]
+        examples = [self.instance.examples[i] for i in self._indices(self.sampler, micro_step)]
         if self.classes is not None:
-            examples += [self.classes.examples[i] for i in self.class_sampler.indices(micro_step)]
+            examples += [self.classes.examples[i] for i in self._indices(self.class_sampler, micro_step)]
         device = self.built.torch_device
         batch = Batch()
         if spec.cache_latents:
@@ -217,8 +239,9 @@ class Run:
         from vramplan.train.progress import MemoryMeter, progress_bar
 
         spec, options, output = self.spec, self.options, self.output
+        rank = self.rank
         started = time.perf_counter()
-        device = choose_device(options.device)
+        device = rank.device if rank is not None else choose_device(options.device)
         import diffusers  # noqa: F401  (imported before the baseline: their memory is not the run's)
         import peft  # noqa: F401
         import transformers  # noqa: F401
@@ -227,8 +250,11 @@ class Run:
         seed_everything(options.seed)
         self.prepare()
         self.encode_caches(device)
-        self.built = build_step(self.train_spec, device, weights=Path(options.model_path))
+        build_spec = self.train_spec if rank is None else rank.build_spec(self.train_spec)
+        self.built = build_step(build_spec, device, weights=Path(options.model_path))
         self.setup_textual_inversion()
+        if rank is not None:
+            rank.prepare(self.built, build_spec)
         if options.learning_rate is not None:
             for group in self.built.optimizer.param_groups:
                 if group.get("relative_step"):
@@ -237,11 +263,21 @@ class Run:
                     break
                 group["lr"] = options.learning_rate
         step = 0
-        checkpoint.remove_leftovers(output)
+        saving = self.built if rank is None else rank.unwrapped(self.built)   # what files hold
+        checkpoint_every = options.checkpoint_every
+        if rank is not None and rank.sharded and checkpoint_every:
+            checkpoint_every = 0
+            self.console.print(f"[yellow]note:[/] no checkpoints under {spec.strategy.value}: its optimizer "
+                               f"states are sharded over the ranks, which vramplan does not checkpoint yet "
+                               f"(ddp runs checkpoint and resume)")
+        if self.is_main:
+            checkpoint.remove_leftovers(output)
+        if rank is not None:
+            rank.wait()
         if options.resume:
             found = checkpoint.checkpoints(output)
             if found:
-                step = checkpoint.load_checkpoint(found[-1][1], self.built)
+                step = checkpoint.load_checkpoint(found[-1][1], saving)
                 self.console.print(f"resumed from {found[-1][1].name} (step {step})")
             else:
                 self.console.print("no checkpoint yet: starting again from step 0")
@@ -249,48 +285,80 @@ class Run:
         run_info = run_info or {"format": 1, "plan": spec.to_json(), "started": _now()}
         run_info.update(model=str(options.model_path), data=str(options.data), steps=options.steps,
                         status="running")
-        write_run(output, run_info)
+        if rank is not None:
+            run_info.update(processes=rank.world, strategy=(spec.strategy.value if spec.strategy else "ddp"))
+        if self.is_main:
+            write_run(output, run_info)
 
         self.sampler = data.Sampler(len(self.instance), spec.batch_size, options.seed)
         if self.classes is not None:
             self.class_sampler = data.Sampler(len(self.classes), spec.batch_size, options.seed + 1)
         accumulation = spec.gradient_accumulation_steps
         loss_value = None
-        with progress_bar(enabled=options.progress) as progress:
+        with progress_bar(enabled=options.progress and self.is_main) as progress:
             task = progress.add_task("train", total=options.steps, completed=step, loss="-",
                                      memory=meter.label(), started=time.perf_counter(), first=step)
             while step < options.steps:
                 losses = []
+                if rank is not None:
+                    rank.seed_step(options.seed, step)
                 for micro in range(accumulation):
                     batch = self.batch(step * accumulation + micro)
-                    loss = self.built.run_step(batch, update=micro == accumulation - 1,
-                                               accumulation=accumulation)
+                    if rank is None:
+                        loss = self.built.run_step(batch, update=micro == accumulation - 1,
+                                                   accumulation=accumulation)
+                    else:
+                        with rank.accumulate(self.built):
+                            loss = self.built.run_step(batch, update=False, accumulation=rank.step_accumulation)
                     losses.append(float(loss))
                     del batch, loss
+                if rank is not None:
+                    rank.update(self.built)
                 step += 1
                 loss_value = sum(losses) / len(losses)
+                if rank is not None:
+                    loss_value = rank.mean(loss_value)
                 if loss_value != loss_value:
                     raise UsageError(f"the loss became NaN at step {step}: lower --learning-rate, or use bf16 "
                                      f"or fp32 precision")
                 progress.update(task, completed=step, loss=f"{loss_value:.4f}", memory=meter.label())
-                if options.checkpoint_every and step % options.checkpoint_every == 0 and step < options.steps:
-                    checkpoint.write_checkpoint(output, step, self.built, spec.to_json())
-                    checkpoint.prune(output, options.keep_checkpoints)
+                if checkpoint_every and step % checkpoint_every == 0 and step < options.steps:
+                    if self.is_main:
+                        checkpoint.write_checkpoint(output, step, saving, spec.to_json())
+                        checkpoint.prune(output, options.keep_checkpoints)
+                    if rank is not None:
+                        rank.wait()
 
         from vramplan.train.save import save_result
 
-        files = save_result(self.train_spec, self.built, output, Path(options.model_path), options.save_format,
-                            getattr(self, "placeholders", {}))
+        ranks = rank.gather(rank.summary(self.built, self.seen)) if rank is not None else None
+        files = []
+        with (rank.full_parameters() if rank is not None else _nothing()):
+            if self.is_main:
+                files = save_result(self.train_spec, saving, output, Path(options.model_path), options.save_format,
+                                    getattr(self, "placeholders", {}))
+        if not self.is_main:
+            rank.finish()
+            return TrainResult(steps=step, final_loss=loss_value, device=device,
+                               seconds=time.perf_counter() - started)
         run_info.update(status="done", finished=_now(), steps_done=step,
                         files=[str(f.relative_to(output)) for f in files])
+        if ranks is not None:
+            run_info["ranks"] = ranks
+            sums = {r.get("weights_checksum") for r in ranks}
+            if len(sums) > 1 and None not in sums:
+                self.console.print("[yellow]warning:[/] the ranks' trained weights differ at the end; "
+                                   "the result is rank 0's")
         write_run(output, run_info)
         result = TrainResult(steps=step, files=files, final_loss=loss_value, measured_peak_bytes=meter.peak(),
                              measured_kind=meter.kind, device=device, seconds=time.perf_counter() - started,
                              skipped_images=len(self.instance.skipped) + (len(self.classes.skipped)
                                                                           if self.classes else 0))
         result.predicted_peak_bytes = self.predicted_peak()
-        result.profile = store_profile(spec, result, meter)
+        result.profile = store_profile(spec, result, meter) if rank is None else None
         self.report(result, meter)
+        if rank is not None:
+            rank.finish()
         return result
 
     def predicted_peak(self) -> int | None:
@@ -333,6 +401,11 @@ class Run:
             self.console.print(f"[dim]profile stored: {result.profile}[/]")
 
 
+@contextlib.contextmanager
+def _nothing():
+    yield
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -367,17 +440,42 @@ def store_profile(spec: TrainingSpec, result: TrainResult, meter, root: Path = P
         return None
 
 
-def train(spec: TrainingSpec, options: TrainOptions, console: Console | None = None) -> TrainResult:
-    """Check the inputs, then run (see the module docstring)."""
+def train(spec: TrainingSpec, options: TrainOptions, console: Console | None = None,
+          launched: bool = False) -> TrainResult | int:
+    """Check the inputs, then run (see the module docstring).
+
+    A plan for several GPUs in a process nobody launched starts the job (`launch`, whose exit
+    status is returned); in a process `accelerate launch` started (`launched`, or its
+    environment), this is one rank of it."""
+    from vramplan.train import launch
+
     console = console or Console(stderr=True)
+    if launch.needs_launch(spec, launched):
+        return launch.launch(spec, options, console)
     options.check()
     folder_model = check_model(spec, Path(options.model_path))
     check_data(spec, options)
-    check_output(spec, options)
-    output = Path(options.output)
-    if options.overwrite and output.exists():
-        import shutil
+    rank = None
+    if launch.is_rank(spec, launched):
+        from vramplan.train.ranks import start_rank
 
-        shutil.rmtree(output)
-    output.mkdir(parents=True, exist_ok=True)
-    return Run(spec, spec.replace(model=folder_model), options, console).execute()
+        launch.refuse_resume(spec, options)
+        requested = options.device
+        if requested == "auto":
+            import torch
+
+            requested = "cuda" if torch.cuda.is_available() else "cpu"
+        rank = start_rank(spec, requested)
+        if not rank.is_main:
+            console = Console(stderr=True, quiet=True)
+    output = Path(options.output)
+    if rank is None or rank.is_main:
+        check_output(spec, options)
+        if options.overwrite and output.exists():
+            import shutil
+
+            shutil.rmtree(output)
+        output.mkdir(parents=True, exist_ok=True)
+    if rank is not None:
+        rank.wait()
+    return Run(spec, spec.replace(model=folder_model), options, console, rank=rank).execute()
