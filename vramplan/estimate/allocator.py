@@ -92,7 +92,7 @@ class CachingAllocator:
                 block.next.prev = rest
             block.next = rest
             block.size = size
-            self._insert(rest, small)
+            bisect.insort(pool, (remaining, rest.addr, rest))
         block.free = False
         self.allocated += block.size
         if self.allocated > self.peak_allocated:
@@ -103,42 +103,47 @@ class CachingAllocator:
         small = block.small
         block.free = True
         self.allocated -= block.size
-        for neighbour in (block.prev, block.next):
-            if neighbour is not None and neighbour.free and neighbour.segment == block.segment:
-                self._remove(neighbour, small)
-                if neighbour is block.prev:
-                    neighbour.size += block.size
-                    neighbour.next = block.next
-                    if block.next is not None:
-                        block.next.prev = neighbour
-                    block = neighbour
-                else:
-                    block.size += neighbour.size
-                    block.next = neighbour.next
-                    if neighbour.next is not None:
-                        neighbour.next.prev = block
-        self._insert(block, small)
+        prev, nxt = block.prev, block.next
+        if prev is not None and prev.free and prev.segment == block.segment:
+            self._remove(prev, small)
+            prev.size += block.size
+            prev.next = nxt
+            if nxt is not None:
+                nxt.prev = prev
+            block = prev
+        if nxt is not None and nxt.free and nxt.segment == block.segment:
+            self._remove(nxt, small)
+            block.size += nxt.size
+            block.next = nxt.next
+            if nxt.next is not None:
+                nxt.next.prev = block
+        bisect.insort(self.pools[small], (block.size, block.addr, block))
 
 
 def replay_allocator(records: list[Record]) -> CachingAllocator:
     """Run the allocator over the records' allocations and frees in event order (at one event,
-    frees before allocations)."""
-    allocs: dict[int, list[int]] = {}
-    frees: dict[int, list[int]] = {}
+    frees before allocations; within each, record order)."""
+    shift = max(len(records), 1).bit_length()
+    mask = (1 << shift) - 1
+    keys = []
+    append = keys.append
     for i, r in enumerate(records):
         if r.nbytes <= 0:
             continue
-        allocs.setdefault(r.alloc_at, []).append(i)
+        append((((r.alloc_at << 1) | 1) << shift) | i)
         if r.free_at is not None:
-            frees.setdefault(r.free_at, []).append(i)
+            append(((r.free_at << 1) << shift) | i)
+    keys.sort()
     alloc = CachingAllocator()
     malloc, free = alloc.malloc, alloc.free
     live: dict[int, _Block] = {}
-    for event in sorted(allocs.keys() | frees.keys()):
-        for i in frees.get(event, ()):
-            block = live.pop(i, None)
+    pop = live.pop
+    for key in keys:
+        i = key & mask
+        if (key >> shift) & 1:
+            live[i] = malloc(records[i].nbytes)
+        else:
+            block = pop(i, None)
             if block is not None:
                 free(block)
-        for i in allocs.get(event, ()):
-            live[i] = malloc(records[i].nbytes)
     return alloc
