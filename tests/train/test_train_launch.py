@@ -115,9 +115,15 @@ def test_launch_writes_the_plans_config_and_runs_accelerate(kit, tiny, tmp_path,
     assert "2 processes" in capsys.readouterr().err
 
 
-def test_launch_of_a_zero_plan_writes_the_deepspeed_json(kit, tiny, tmp_path, recorder):
+def test_launch_of_a_zero_plan_writes_the_deepspeed_json(kit, tiny, tmp_path, recorder, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)   # a machine with 4 GPUs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     plan, spec = plan_file(kit, tiny, tmp_path, gpus="4x24GB", strategy="zero2", offload="optimizer")
-    assert main(train_argv(plan, tiny, tmp_path / "run")) == 0
+    argv = train_argv(plan, tiny, tmp_path / "run")
+    argv[argv.index("--device") + 1] = "cuda"
+    assert main(argv) == 0
     call = recorder.calls[0]
     config = yaml.safe_load(call["files"]["accelerate.yaml"])
     assert config["distributed_type"] == "DEEPSPEED" and config["num_processes"] == 4
@@ -132,10 +138,12 @@ def test_accelerates_exit_status_is_trains(kit, tiny, tmp_path, recorder):
     assert main(train_argv(plan, tiny, tmp_path / "run")) == 1
 
 
-@pytest.mark.parametrize("case", ["no data", "resume fsdp", "too few gpus", "taken output"])
+@pytest.mark.parametrize("case", ["no data", "resume fsdp", "too few gpus", "taken output", "fsdp on cpu",
+                                  "zero3 on cpu"])
 def test_bad_input_fails_before_anything_starts(kit, tiny, tmp_path, recorder, capsys, case):
     model, images = tiny
-    options = {"gpus": "2x24GB", **({"strategy": "fsdp"} if case == "resume fsdp" else {})}
+    strategy = {"resume fsdp": "fsdp", "fsdp on cpu": "fsdp", "zero3 on cpu": "zero3"}.get(case)
+    options = {"gpus": "2x24GB", **({"strategy": strategy} if strategy else {})}
     plan, _ = plan_file(kit, tiny, tmp_path, **options)
     output = tmp_path / "run"
     argv = train_argv(plan, tiny, output)
@@ -145,6 +153,8 @@ def test_bad_input_fails_before_anything_starts(kit, tiny, tmp_path, recorder, c
         argv.append("--resume")
     elif case == "too few gpus":
         argv[argv.index("--device") + 1] = "cuda"
+    elif case.endswith("on cpu"):
+        pass   # --device cpu
     else:
         output.mkdir()
         (output / "something").write_text("x")

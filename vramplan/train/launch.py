@@ -129,19 +129,30 @@ def refuse_resume(spec: TrainingSpec, options: TrainOptions) -> None:
 
 
 def check_devices(spec: TrainingSpec, options: TrainOptions) -> str:
-    """"cuda" or "cpu" for the children; refuses a machine with fewer GPUs than the plan."""
+    """"cuda" or "cpu" for the children; refuses a machine with fewer GPUs than the plan, and a
+    sharded plan on the CPU: without CUDA accelerate runs an FSDP or DeepSpeed config as plain
+    MULTI_CPU processes (measured: its state reports MULTI_CPU), so the plan would not be the run."""
     if options.device == "cpu":
-        return "cpu"
+        return _cpu(spec, "--device cpu")
     import torch
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0 and options.device == "auto":
-        return "cpu"
+        return _cpu(spec, "no CUDA GPU here")
     if count < spec.num_gpus:
         raise UsageError(f"the plan is for {spec.num_gpus} GPUs but this machine has {count}: make a plan "
                          f"for what it has (vramplan fit --gpus {max(count, 1)}x...), or --device cpu to "
                          f"run the {spec.num_gpus} processes on the CPU")
     return "cuda"
+
+
+def _cpu(spec: TrainingSpec, why: str) -> str:
+    strategy = spec.strategy.value if spec.strategy else "ddp"
+    if strategy != "ddp":
+        raise UsageError(f"{why}: the {spec.num_gpus} processes would run on the CPU, where accelerate runs "
+                         f"a {strategy} config as plain data parallel; {strategy} needs CUDA GPUs (on the CPU, "
+                         f"make a ddp plan: --strategy ddp)")
+    return "cpu"
 
 
 def launch(spec: TrainingSpec, options: TrainOptions, console=None, run=None,
