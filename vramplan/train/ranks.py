@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 
 from vramplan.errors import UsageError
 from vramplan.spec import Offload, Strategy, TrainingSpec
@@ -298,10 +297,8 @@ def start_rank(spec: TrainingSpec, device: str) -> Rank:
 
     strategy = spec.strategy or Strategy.DDP
     cpu = device == "cpu"
-    if cpu and strategy is Strategy.FSDP:
-        # FSDP1 refuses sync_module_states for modules on the CPU (every rank builds the same
-        # weights from the same seed, so nothing needs broadcasting)
-        os.environ["FSDP_SYNC_MODULE_STATES"] = "false"
+    # (fsdp and zero* never get here on the CPU: vramplan.train.launch refuses them, as accelerate
+    # selects FSDP and DeepSpeed only with CUDA)
     # DDP: the step keeps its own mixed precision (autocast, GradScaler); the sharded engines
     # take the plan's (FSDP's MixedPrecision policy, DeepSpeed's fp16/bf16 section)
     precision = "no" if strategy is Strategy.DDP else mixed_precision(spec)
