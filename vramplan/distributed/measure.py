@@ -56,6 +56,7 @@ def wrap_step(step, spec) -> None:
     """Wrap the step's trained components in FSDP and rebuild its optimizer over them."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+    from vramplan.step.build import trainable_parameters
     from vramplan.step.optimizers import build_optimizer
 
     from vramplan.precision import trainable_dtype
@@ -69,14 +70,8 @@ def wrap_step(step, spec) -> None:
             # (_init_utils.py `_init_device_handle`); on a GPU accelerate passes the local device
             step.models[name] = FSDP(module, device_id=torch.device(step.torch_device),
                                      **fsdp_kwargs(spec, module, step.torch_device))
-    seen, trainable = set(), []
-    for module in step.models.values():
-        for p in module.parameters():
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                trainable.append(p)
-    step.trainable = trainable
-    step.optimizer = build_optimizer(spec, trainable, "cpu", None)
+    step.trainable = trainable_parameters(step.models)
+    step.optimizer = build_optimizer(spec, step.trainable, "cpu", None)
 
 
 @contextlib.contextmanager

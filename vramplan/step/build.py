@@ -142,9 +142,19 @@ class BuiltStep:
             return loss.detach()
 
         hook("optimizer")
+        self.update()
+        return loss.detach()
+
+    def update(self, clip_grad_norm=None) -> None:
+        """The optimizer step: unscale, clip to norm 1, step, zero the gradients, EMA. The one
+        update every tier runs; `clip_grad_norm(max_norm)` replaces torch's clip where the
+        gradients are sharded (FSDP's own, over all shards)."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
+        if clip_grad_norm is not None:
+            clip_grad_norm(1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -154,7 +164,6 @@ class BuiltStep:
         if self.ema is not None:
             self.ema.step(self.trainable)
         self.steps_done += 1
-        return loss.detach()
 
     def _loss(self, family, pred, target):
         spec = self.spec
@@ -262,13 +271,19 @@ def build_step(spec: TrainingSpec, device: str = "fake", weights: Path | None = 
     return _finish(spec, device, models, inventories, None)
 
 
-def _finish(spec, device, models, inventories, fake_mode) -> BuiltStep:
+def trainable_parameters(models: dict) -> list:
+    """Every parameter that requires grad, once (a module may share one), in model order."""
     seen, trainable = set(), []
     for module in models.values():
         for p in module.parameters():
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
                 trainable.append(p)
+    return trainable
+
+
+def _finish(spec, device, models, inventories, fake_mode) -> BuiltStep:
+    trainable = trainable_parameters(models)
     if not trainable:
         raise UsageError(f"--method {spec.method.value} trains nothing in {spec.model.name}")
     from vramplan.step.optimizers import build_optimizer, build_scaler

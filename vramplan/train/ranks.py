@@ -128,6 +128,7 @@ class Rank:
 
         from vramplan.precision import trainable_dtype
         from vramplan.simulate.variants import DTYPES
+        from vramplan.step.build import trainable_parameters
         from vramplan.step.optimizers import build_optimizer
 
         acc = self.accelerator
@@ -148,14 +149,8 @@ class Rank:
                 inner.to(DTYPES[trainable_dtype(spec)])     # one dtype per FlatParameter
                 wrapper = acc.prepare_model(inner)
                 built.models[name], self.wrapped[name], self.inner[name] = wrapper, wrapper, inner
-            seen, trainable = set(), []
-            for module in built.models.values():
-                for p in module.parameters():
-                    if p.requires_grad and id(p) not in seen:
-                        seen.add(id(p))
-                        trainable.append(p)
-            built.trainable = trainable
-            built.optimizer = build_optimizer(spec, trainable, self.device, None)
+            built.trainable = trainable_parameters(built.models)
+            built.optimizer = build_optimizer(spec, built.trainable, self.device, None)
             if built.scaler is not None:
                 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
@@ -192,28 +187,17 @@ class Rank:
         return 1 if self.deepspeed else self.spec.gradient_accumulation_steps
 
     def update(self, built) -> None:
-        """The optimizer step after the last micro-step (the engine's own under DeepSpeed)."""
-        import torch
-
+        """The optimizer step after the last micro-step: the step's own update (FSDP clipping
+        by its own norm over all shards), or the engine's under DeepSpeed."""
         if self.deepspeed:
             built.steps_done += 1
             return
-        if built.scaler is not None:
-            built.scaler.unscale_(built.optimizer)
+        clip = None
         if self.strategy is Strategy.FSDP:
-            for wrapper in self.wrapped.values():
-                wrapper.clip_grad_norm_(1.0)
-        else:
-            torch.nn.utils.clip_grad_norm_(built.trainable, 1.0)
-        if built.scaler is not None:
-            built.scaler.step(built.optimizer)
-            built.scaler.update()
-        else:
-            built.optimizer.step()
-        built.optimizer.zero_grad(set_to_none=True)
-        if built.ema is not None:
-            built.ema.step(built.trainable)
-        built.steps_done += 1
+            def clip(max_norm):
+                for wrapper in self.wrapped.values():
+                    wrapper.clip_grad_norm_(max_norm)
+        built.update(clip)
 
     def seed_step(self, seed: int, step: int) -> None:
         """Noise for (seed, step, rank): different on every rank, the same after a resume."""
