@@ -45,8 +45,9 @@ class Clock:
         return self.now
 
     def alloc(self, nbytes: int, category, phase: str, op: str = "", module: str = "") -> Record:
-        rec = Record(nbytes=cuda_rounded(nbytes), alloc_at=self.tick(), category=category,
-                     phase=phase, op=op, module=module)
+        # cuda_rounded and tick, inlined: this runs for every allocation of the step
+        self.now = now = self.now + 1
+        rec = Record(-(-nbytes // 512) * 512, now, None, category, phase, module, op)
         self.records.append(rec)
         return rec
 
@@ -74,6 +75,30 @@ class Replayed:
     input_grads: dict = field(default_factory=dict)       # input role -> Record (caller frees)
 
 
+def _save_plan(rule: Rule) -> tuple:
+    """`rule.save` as (output index or -1, slot, trigger names or None for ANY), in order."""
+    plan = []
+    for slot, triggers in rule.save.items():
+        out = int(slot[3:]) if slot.startswith("out") and slot[3:].isdigit() else -1
+        plan.append((out, slot, None if triggers == ANY else triggers))
+    return tuple(plan)
+
+
+# opname -> (name, rule, save plan, unknown?): the rules are fixed, so every replay shares these
+_OP_INFO: dict[str, tuple] = {}
+
+
+def _op_info(name: str) -> tuple:
+    info = _OP_INFO.get(name)
+    if info is None:
+        rule = rule_for(name)
+        unknown = rule is None
+        if unknown:
+            rule = CONSERVATIVE
+        info = _OP_INFO[name] = (name, rule, _save_plan(rule), unknown)
+    return info
+
+
 class Replayer:
     def __init__(self, graph: Concrete, options: ReplayOptions, clock: Clock):
         self.g = graph
@@ -85,11 +110,15 @@ class Replayer:
         self.t_dtype = graph.t_dtype
         self.t_param = graph.t_param
         self.t_bytes = graph.t_bytes
+        self.t_float = [d in FLOATING for d in graph.t_dtype]
+        self.op_info = [_op_info(name) for name in graph.opnames]
         self.free_after: dict[int, list[int]] = {}
+        s_alloc = graph.s_alloc
         for sid, free in enumerate(graph.s_free):
-            if free is not None and graph.s_alloc[sid] is not None:
+            if free is not None and s_alloc[sid] is not None:
                 self.free_after.setdefault(free, []).append(sid)
-        self.param_sids = {self.t_sid[t] for t, p in enumerate(self.t_param) if p is not None}
+        t_sid = self.t_sid
+        self.param_sids = {t_sid[t] for t, p in enumerate(self.t_param) if p is not None}
         self.regions = graph.regions if options.gradient_checkpointing else []
         self.region_of = {}
         self.region_end = {}
@@ -105,11 +134,12 @@ class Replayer:
             for i in range(f[1], f[2] + 1):
                 self.function_of[i] = f
             self.function_end[f[2]] = f
-        n = len(self.t_sid)
+        n = len(t_sid)
         self.rg = [False] * n
+        t_float = self.t_float
         for tid, name in enumerate(self.t_param):
             if name is not None:
-                self.rg[tid] = options.trainable(name) and self.t_dtype[tid] in FLOATING
+                self.rg[tid] = options.trainable(name) and t_float[tid]
         for role, tid in graph.inputs.items():
             self.rg[tid] = role in options.inputs_require_grad
         self.live: dict[int, Record] = {}
@@ -134,7 +164,9 @@ class Replayer:
         if only is not None and sid not in only:
             return
         self.python_alive[sid] = False
-        self._maybe_free(sid)
+        # _maybe_free, knowing Python no longer holds it
+        if self.holds.get(sid, 0) == 0 and sid in self.live:
+            self.clock.free(self.live.pop(sid))
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, inputs: dict | None = None) -> None:
@@ -152,46 +184,56 @@ class Replayer:
                     self.live[sid] = self.clock.alloc(self.storage_bytes[sid], Category.INPUTS, phase)
                 self.python_alive[sid] = True
                 self.input_records[sid] = self.live[sid]
+        forward_op, python_free = self._forward_op, self._python_free
+        region_of, region_end, free_after = self.region_of, self.region_end, self.free_after
+        input_records, t_sid, param_sids, hold = self.input_records, self.t_sid, self.param_sids, self._hold
         for i, op in enumerate(g.ops):
-            self._forward_op(i, op, phase, in_region=i in self.region_of)
-            if i in self.region_end:
-                for tid in self.region_end[i][3]:
-                    sid = self.t_sid[tid]
-                    if sid not in self.param_sids:
-                        self._hold(sid)  # checkpoint keeps the region's inputs for recomputation
-            for sid in self.free_after.get(i, ()):
-                if sid not in self.input_records:
-                    self._python_free(sid)
+            forward_op(i, op, phase, i in region_of)
+            if i in region_end:
+                for tid in region_end[i][3]:
+                    sid = t_sid[tid]
+                    if sid not in param_sids:
+                        hold(sid)  # checkpoint keeps the region's inputs for recomputation
+            frees = free_after.get(i)
+            if frees:
+                for sid in frees:
+                    if sid not in input_records:
+                        python_free(sid)
 
     def _forward_op(self, i, op, phase, in_region: bool, fresh: dict | None = None) -> None:
-        g = self.g
-        name = g.opname(op)
-        rule = rule_for(name)
-        if rule is None:
+        name, rule, plan, unknown = self.op_info[op[0]]
+        if unknown:
             self.result.unknown_ops.add(name)
-            rule = CONSERVATIVE
-        rg = self.rg
-        args = {}
-        for arg, tid in op[2]:
-            args.setdefault(arg, tid)
-        any_rg = rule.differentiable and any(rg[t] for _, t in op[2] if self.t_dtype[t] in FLOATING)
+        rg, t_float = self.rg, self.t_float
+        ins = op[2]
+        any_rg = False
+        if rule.differentiable:
+            for _, t in ins:
+                if rg[t] and t_float[t]:
+                    any_rg = True
+                    break
         function = self.function_of.get(i)
         if function is not None:
             # inside a custom autograd.Function: no autograd inside; its outputs depend on its inputs
             outs = set(function[4])
-            inputs_rg = any(rg[t] for t in function[3] if self.t_dtype[t] in FLOATING)
+            inputs_rg = any(rg[t] for t in function[3] if t_float[t])
             any_rg = False
-        cast_of_param = name == "_to_copy.default" and any(self.t_param[t] for _, t in op[2])
+        cast_of_param = name == "_to_copy.default" and any(self.t_param[t] for _, t in ins)
+        t_sid, s_alloc, live, python_alive = self.t_sid, self.g.s_alloc, self.live, self.python_alive
+        module = None
         for tid in op[3]:
-            rg[tid] = any_rg and self.t_dtype[tid] in FLOATING
             if function is not None and tid in outs:
-                rg[tid] = inputs_rg and self.t_dtype[tid] in FLOATING
-            sid = self.t_sid[tid]
-            if g.s_alloc[sid] == i and sid not in self.live:
+                rg[tid] = inputs_rg and t_float[tid]
+            else:
+                rg[tid] = any_rg and t_float[tid]
+            sid = t_sid[tid]
+            if s_alloc[sid] == i and sid not in live:
+                if module is None:
+                    module = self.g.modules[op[1]]
                 category = Category.AUTOCAST_CACHE if cast_of_param else Category.TEMPORARIES
-                rec = self.clock.alloc(self.storage_bytes[sid], category, phase, name, g.module(op))
-                self.live[sid] = rec
-                self.python_alive[sid] = True
+                rec = self.clock.alloc(self.storage_bytes[sid], category, phase, name, module)
+                live[sid] = rec
+                python_alive[sid] = True
                 if fresh is not None:
                     fresh[sid] = rec
         if function is not None and i == function[2] and inputs_rg and not in_region:
@@ -200,7 +242,7 @@ class Replayer:
             kept_inputs = function[3] if keeps == "all" else [function[3][k] for k in keeps if k < len(function[3])]
             sids = []
             for tid in kept_inputs:
-                sid = self.t_sid[tid]
+                sid = t_sid[tid]
                 if sid not in self.param_sids and sid not in sids:
                     sids.append(sid)
                     self._hold(sid)
@@ -209,32 +251,38 @@ class Replayer:
         if not any_rg or in_region:
             return
         kept = []
-        for slot, triggers in rule.save.items():
+        args = None
+        for out, slot, triggers in plan:
             if slot == "*":
-                kept.extend(t for _, t in op[2])
+                kept.extend(t for _, t in ins)
                 continue
-            if triggers != ANY and not any(rg[args[t]] for t in triggers if t in args):
+            if args is None:
+                args = {}
+                for arg, tid in ins:
+                    args.setdefault(arg, tid)
+            if triggers is not None and not any(rg[args[t]] for t in triggers if t in args):
                 continue
-            if slot.startswith("out") and slot[3:].isdigit():
-                k = int(slot[3:])
-                if k < len(op[3]):
-                    kept.append(op[3][k])
+            if out >= 0:
+                if out < len(op[3]):
+                    kept.append(op[3][out])
             elif slot in args:
                 kept.append(args[slot])
         sids = []
+        param_sids, holds = self.param_sids, self.holds
         for tid in kept:
-            sid = self.t_sid[tid]
-            if sid in self.param_sids or sid in sids:
+            sid = t_sid[tid]
+            if sid in param_sids or sid in sids:
                 continue
             sids.append(sid)
-            self._hold(sid)
-            rec = self.live.get(sid)
+            holds[sid] = holds.get(sid, 0) + 1
+            rec = live.get(sid)
             if rec is not None and not rec.saved:
                 rec.saved = True
                 if rec.category is Category.TEMPORARIES:
                     rec.category = Category.ACTIVATIONS
-                    module = g.module(op)
-                    self.result.saved_by_module[module] = self.result.saved_by_module.get(module, 0) + rec.nbytes
+                    module = self.g.modules[op[1]]
+                    saved = self.result.saved_by_module
+                    saved[module] = saved.get(module, 0) + rec.nbytes
         self.saved_by_op[i] = sids
 
     # -- backward ------------------------------------------------------------------------------
@@ -275,22 +323,36 @@ class Replayer:
                     give(outputs[role], rec)
 
         input_roles = {tid: role for role, tid in g.inputs.items()}
+        region_end, region_start = self.region_end, self.region_start
+        saved_pop, backward_op = self.saved_by_op.pop, self._backward_op
+        t_sid, param_sids, holds, python_alive, live = (self.t_sid, self.param_sids, self.holds,
+                                                        self.python_alive, self.live)
+        free = self.clock.free
         for i in range(len(ops) - 1, -1, -1):
             op = ops[i]
-            region = self.region_end.get(i)
-            if region is not None and any(t in grads for t in region[4]):
-                self._recompute(region, phase)
-            outs = [t for t in op[3] if t in grads]
-            if outs:
-                self._backward_op(i, op, outs, grads, refs, give, drop, new_grad, input_roles)
-            for sid in self.saved_by_op.pop(i, ()):
-                self._release(sid)
-            region = self.region_start.get(i)
-            if region is not None:
-                for tid in region[3]:
-                    sid = self.t_sid[tid]
-                    if sid not in self.param_sids and self.holds.get(sid, 0) > 0:
-                        self._release(sid)
+            if region_end:
+                region = region_end.get(i)
+                if region is not None and any(t in grads for t in region[4]):
+                    self._recompute(region, phase)
+            for t in op[3]:
+                if t in grads:
+                    outs = [t for t in op[3] if t in grads]
+                    backward_op(i, op, outs, grads, refs, give, drop, new_grad, input_roles)
+                    break
+            saved = saved_pop(i, None)
+            if saved:
+                for sid in saved:
+                    # _release, inlined
+                    holds[sid] -= 1
+                    if holds[sid] == 0 and not python_alive.get(sid, False) and sid in live:
+                        free(live.pop(sid))
+            if region_start:
+                region = region_start.get(i)
+                if region is not None:
+                    for tid in region[3]:
+                        sid = t_sid[tid]
+                        if sid not in param_sids and holds.get(sid, 0) > 0:
+                            self._release(sid)
         for tid, rec in list(grads.items()):
             role = input_roles.get(tid)
             if role is not None and role not in self.result.input_grads:
@@ -331,26 +393,27 @@ class Replayer:
         function = self.function_end.get(i)
         if function is not None:
             return self._backward_function(function, outs, grads, refs, give, drop, new_grad, input_roles)
-        name = g.opname(op)
-        rule = rule_for(name) or CONSERVATIVE
-        module = g.module(op)
+        name, rule, _, _ = self.op_info[op[0]]
+        module = g.modules[op[1]]
         out_tid = outs[0]
         out_grad = grads[out_tid]
+        rg, t_float, t_dtype, t_bytes, t_param = self.rg, self.t_float, self.t_dtype, self.t_bytes, self.t_param
+        temps, grad_kind = rule.temps, rule.grad
         seen = set()
         for arg, tid in op[2]:
-            if tid in seen or not self.rg[tid] or self.t_dtype[tid] not in FLOATING:
+            if tid in seen or not rg[tid] or not t_float[tid]:
                 continue
             seen.add(tid)
-            for slot, count in rule.temps:
+            for slot, count in temps:
                 ref = dict(op[2]).get(slot, op[2][0][1])
                 for _ in range(count):
-                    self.clock.free(new_grad(self.t_bytes[ref], name, module))
-            if rule.grad == "none":
+                    self.clock.free(new_grad(t_bytes[ref], name, module))
+            if grad_kind == "none":
                 continue
-            alias = rule.grad == "alias" and self.t_dtype[tid] == self.t_dtype[out_tid] and (
-                name in ("cat.default", "stack.default") or self.t_bytes[tid] == self.t_bytes[out_tid])
-            grad = out_grad if alias else new_grad(self.t_bytes[tid], name, module)
-            param = self.t_param[tid]
+            alias = grad_kind == "alias" and t_dtype[tid] == t_dtype[out_tid] and (
+                name in ("cat.default", "stack.default") or t_bytes[tid] == t_bytes[out_tid])
+            grad = out_grad if alias else new_grad(t_bytes[tid], name, module)
+            param = t_param[tid]
             if param is not None and tid not in input_roles:
                 self._accumulate(param, grad, refs, alias, name, module)
             else:
