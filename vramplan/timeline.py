@@ -7,7 +7,9 @@ composition at the peak. Pure Python: the analytic tier uses it without torch.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 from vramplan.footprint import Category
 
@@ -40,29 +42,42 @@ def analyse(records: list[Record], phases: list[tuple[str, int]], constant: dict
     """
     base = sum((constant or {}).values())
     deltas: dict[int, int] = {}
+    get = deltas.get
     for r in records:
-        deltas[r.alloc_at] = deltas.get(r.alloc_at, 0) + r.nbytes
-        if r.free_at is not None:
-            deltas[r.free_at] = deltas.get(r.free_at, 0) - r.nbytes
-    live, peak, peak_event = base, base, 0
+        nbytes, at, free = r.nbytes, r.alloc_at, r.free_at
+        deltas[at] = get(at, 0) + nbytes
+        if free is not None:
+            deltas[free] = get(free, 0) - nbytes
+    events = sorted(deltas)
+    # lives[j]: bytes live after events[j - 1] (lives[0]: before any); maxima are taken over runs
+    # of it in C, the first of equal values winning as a scan with `>` would have it
+    lives = list(accumulate([deltas[e] for e in events], initial=base))
+    peak = max(lives)
+    at = lives.index(peak)
+    peak_event = events[at - 1] if at else 0
     bounds = sorted(phases, key=lambda p: p[1])
     phase_best: dict[str, tuple[int, int]] = {}
-    pi = -1
-    for event in sorted(deltas):
+
+    def run(name: str, first: int, stop: int) -> None:
+        """The events events[first:stop], all in phase `name`."""
+        if first < stop:
+            best = max(lives[first + 1:stop + 1])
+            if best > phase_best.get(name, (-1, 0))[0]:
+                phase_best[name] = (best, events[lives.index(best, first + 1, stop + 1) - 1])
+
+    firsts = [bisect.bisect_left(events, start) for _, start in bounds]   # first event of each phase
+    run("", 0, firsts[0] if bounds else len(events))
+    for k, (name, start) in enumerate(bounds):
+        first = firsts[k]
+        if first == len(events):
+            # no event from here on: what is live at the end counts for the phases not reached
+            for name, start in bounds[k:]:
+                phase_best.setdefault(name, (lives[-1], start))
+            break
         # entering a phase: what is live when it starts counts for it
-        while pi + 1 < len(bounds) and bounds[pi + 1][1] <= event:
-            pi += 1
-            name = bounds[pi][0]
-            if live > phase_best.get(name, (-1, 0))[0]:
-                phase_best[name] = (live, max(bounds[pi][1] - 1, 0))
-        live += deltas[event]
-        name = bounds[pi][0] if pi >= 0 else ""
-        if live > phase_best.get(name, (-1, 0))[0]:
-            phase_best[name] = (live, event)
-        if live > peak:
-            peak, peak_event = live, event
-    for name, start in bounds[pi + 1:]:
-        phase_best.setdefault(name, (live, start))
+        if lives[first] > phase_best.get(name, (-1, 0))[0]:
+            phase_best[name] = (lives[first], max(start - 1, 0))
+        run(name, first, firsts[k + 1] if k + 1 < len(bounds) else len(events))
     peak_phase = ""
     for name, start in bounds:
         if start <= peak_event:
@@ -75,20 +90,28 @@ def analyse(records: list[Record], phases: list[tuple[str, int]], constant: dict
 
 def compositions_at(records: list[Record], events: list[int], constant: dict | None = None) -> dict:
     """`composition_at` for several events in one pass over the records."""
-    import bisect
-
     targets = sorted(set(events))
-    out = {e: dict(constant or {}) for e in targets}
+    comps = [dict(constant or {}) for _ in targets]
+    n = len(targets)
+    bisect_left = bisect.bisect_left
+    temporaries = Category.TEMPORARIES
     for r in records:
-        lo = bisect.bisect_left(targets, r.alloc_at)
-        hi = len(targets) if r.free_at is None else bisect.bisect_left(targets, r.free_at)
-        if lo >= hi:
+        lo = bisect_left(targets, r.alloc_at)
+        if lo == n:
             continue
-        key = r.category or Category.TEMPORARIES
-        for e in targets[lo:hi]:
-            comp = out[e]
-            comp[key] = comp.get(key, 0) + r.nbytes
-    return out
+        free = r.free_at
+        if free is None:
+            hi = n
+        elif targets[lo] >= free:
+            continue   # freed before the next target: most records
+        else:
+            hi = bisect_left(targets, free, lo)
+        key = r.category or temporaries
+        nbytes = r.nbytes
+        for k in range(lo, hi):
+            comp = comps[k]
+            comp[key] = comp.get(key, 0) + nbytes
+    return dict(zip(targets, comps))
 
 
 def composition_at(records: list[Record], event: int, constant: dict | None = None) -> dict:

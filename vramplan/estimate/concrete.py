@@ -12,6 +12,7 @@ region exits.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from math import prod
 
 from vramplan.estimate.graph import Graph
 
@@ -51,24 +52,20 @@ def concretize(graph: Graph, env: dict) -> Concrete:
     values = graph.evaluate(env)
     data = graph.data
     dtypes = data["dtypes"]
-    t_sid, t_dtype, t_shape, t_bytes, t_param = [], [], [], [], []
-    for t in data["tensors"]:
-        shape = tuple(values[e] for e in t[2])
-        numel = 1
-        for d in shape:
-            numel *= d
-        t_sid.append(t[0])
-        t_dtype.append(dtypes[t[1]])
-        t_shape.append(shape)
-        t_bytes.append(numel * ITEMSIZE.get(dtypes[t[1]], 4))
-        t_param.append(t[3])
+    itemsizes = [ITEMSIZE.get(d, 4) for d in dtypes]
+    tensors = data["tensors"]
+    # column by column: each is one pass in C-level comprehensions, not a loop of appends
+    t_shape = [tuple([values[e] for e in t[2]]) for t in tensors]
+    storages = data["storages"]
     modules = data["modules"]
     return Concrete(
         opnames=list(data["opnames"]), modules=list(modules),
-        ops=[(o[0], o[1], [tuple(a) for a in o[2]], list(o[3])) for o in data["ops"]],
-        t_sid=t_sid, t_dtype=t_dtype, t_shape=t_shape, t_bytes=t_bytes, t_param=t_param,
-        s_bytes=[values[s[0]] for s in data["storages"]],
-        s_alloc=[s[1] for s in data["storages"]], s_free=[s[2] for s in data["storages"]],
+        ops=[(o[0], o[1], list(map(tuple, o[2])), list(o[3])) for o in data["ops"]],
+        t_sid=[t[0] for t in tensors], t_dtype=[dtypes[t[1]] for t in tensors], t_shape=t_shape,
+        t_bytes=[prod(shape) * itemsizes[t[1]] for t, shape in zip(tensors, t_shape)],
+        t_param=[t[3] for t in tensors],
+        s_bytes=[values[s[0]] for s in storages],
+        s_alloc=[s[1] for s in storages], s_free=[s[2] for s in storages],
         regions=[tuple(r) for r in data["regions"]],
         calls=[(modules[c[0]], c[1], c[2], c[3], c[4]) for c in data["calls"]],
         functions=[tuple(f) for f in data.get("functions", [])],
@@ -87,143 +84,193 @@ class Site:
     adapter_prefix: str  # the adapter's parameters (shared across sites for hypernetworks)
 
 
+def _adapter_suffix(name: str) -> str:
+    # "adapter:lora_A.weight" -> "lora_A.weight"; hypernetwork weights drop their "hyper." too
+    return name.partition(":")[2].removeprefix("hyper.")
+
+
+class _TemplatePlan:
+    """What splicing `template` needs that does not depend on the site: computed once per
+    template (sites of the same sizes share one) instead of once per site."""
+
+    def __init__(self, t: Concrete):
+        self.x = t.inputs["x"]
+        self.x_sid = t.t_sid[self.x]
+        self.y = t.outputs["y"]
+        self.y_sid = t.t_sid[self.y]
+        self.base = []   # (tid, the host parameter's name relative to the module)
+        for tid, name in enumerate(t.t_param):
+            if name is None or tid == self.x:
+                continue
+            role, _, rel = name.partition(":")
+            if role == "base":
+                self.base.append((tid, rel.removeprefix("base_layer.")))
+        self.end = len(t.ops) - 1
+        self.param_suffix = [None if name is None else _adapter_suffix(name) for name in t.t_param]
+        # per op: name, the autocast cast's adapter weight (suffix, or None), ins, outs, module suffix
+        self.ops = []
+        for op in t.ops:
+            name = t.opnames[op[0]]
+            cast = None
+            if name == "_to_copy.default" and op[2] and t.t_param[op[2][0][1]] is not None:
+                source = t.t_param[op[2][0][1]]
+                cast = (_adapter_suffix(source), source.startswith("adapter:"))
+            module = t.modules[op[1]]
+            self.ops.append((name, cast, op[2], op[3], "." + module if module else ""))
+
+
 def splice(host: Concrete, sites: list[Site]) -> Concrete:
     if not sites:
         return host
     by_start = {host.calls[s.call][1]: s for s in sites}
+    host_t_sid, host_ops, host_s_alloc = host.t_sid, host.ops, host.s_alloc
+    # host tensors on the storage of a spliced call's output (views of it, reshapes after it)
+    out_sids = {host_t_sid[host.calls[s.call][4][0]] for s in sites}
     tids_of_storage: dict[int, list[int]] = {}
-    for tid, sid in enumerate(host.t_sid):
-        tids_of_storage.setdefault(sid, []).append(tid)
+    for tid, sid in enumerate(host_t_sid):
+        if sid in out_sids:
+            tids_of_storage.setdefault(sid, []).append(tid)
     param_tid = {name: tid for tid, name in enumerate(host.t_param) if name is not None}
     out = Concrete(opnames=list(host.opnames), modules=list(host.modules), ops=[],
-                   t_sid=list(host.t_sid), t_dtype=list(host.t_dtype), t_shape=list(host.t_shape),
+                   t_sid=list(host_t_sid), t_dtype=list(host.t_dtype), t_shape=list(host.t_shape),
                    t_bytes=list(host.t_bytes), t_param=list(host.t_param), s_bytes=list(host.s_bytes),
-                   s_alloc=list(host.s_alloc), s_free=list(host.s_free), regions=[], calls=[], functions=[],
+                   s_alloc=list(host_s_alloc), s_free=list(host.s_free), regions=[], calls=[], functions=[],
                    inputs=dict(host.inputs), outputs=dict(host.outputs), markers={})
+    out_ops, out_t_sid, out_t_dtype, out_t_shape, out_t_bytes, out_t_param = (
+        out.ops, out.t_sid, out.t_dtype, out.t_shape, out.t_bytes, out.t_param)
+    out_s_bytes, out_s_alloc, out_s_free = out.s_bytes, out.s_alloc, out.s_free
     opname_idx = {n: i for i, n in enumerate(out.opnames)}
     module_idx = {n: i for i, n in enumerate(out.modules)}
+    plans: dict[int, _TemplatePlan] = {}    # id(template) -> its plan (templates outlive the call)
     new_index: dict[int, int] = {}          # host op index -> new op index (last emitted for it)
     replace: dict[int, int] = {}            # host tid -> tid that stands for it from now on
     pending_free: list = []                 # (new storage, host storage whose free it inherits)
     pending_cache: list = []                # new storages freed at the host's autocast exit
     cast_cache: dict = {}                   # adapter weight name -> tid of its autocast cast
     i = 0
-    n = len(host.ops)
+    n = len(host_ops)
     while i < n:
         site = by_start.get(i)
         if site is None:
-            op = host.ops[i]
-            out.ops.append((op[0], op[1], [(a, replace.get(t, t)) for a, t in op[2]], op[3]))
-            new_index[i] = len(out.ops) - 1
+            op = host_ops[i]
+            if replace:
+                for _, t in op[2]:
+                    if t in replace:
+                        op = (op[0], op[1], [(a, replace.get(t, t)) for a, t in op[2]], op[3])
+                        break
+            new_index[i] = len(out_ops)
+            out_ops.append(op)
             i += 1
             continue
         path, first, last, in_tids, out_tids = host.calls[site.call]
         t = site.template
+        plan = plans.get(id(t))
+        if plan is None:
+            plan = plans[id(t)] = _TemplatePlan(t)
+        t_sid, t_s_alloc, t_s_free, t_s_bytes = t.t_sid, t.s_alloc, t.s_free, t.s_bytes
+        t_dtype, t_shape, t_bytes, param_suffix = t.t_dtype, t.t_shape, t.t_bytes, plan.param_suffix
+        adapter_prefix = site.adapter_prefix
         tmap: dict[int, int] = {}
         smap: dict[int, int] = {}
         x_tid = replace.get(in_tids[0], in_tids[0])
-        tmap[t.inputs["x"]] = x_tid
-        smap[t.t_sid[t.inputs["x"]]] = out.t_sid[x_tid]
-        for tid, name in enumerate(t.t_param):
-            if name is None or tid in tmap:
-                continue
-            role, _, rel = name.partition(":")
-            if role == "base":
-                host_name = site.prefix + rel.removeprefix("base_layer.")
-                tmap[tid] = param_tid[host_name]
-                smap[t.t_sid[tid]] = out.t_sid[tmap[tid]]
-        start_new = len(out.ops)
-        t_end = len(t.ops) - 1
-        autocast_exit = t.markers.get("autocast_exit", t_end)
+        tmap[plan.x] = x_tid
+        smap[plan.x_sid] = out_t_sid[x_tid]
+        for tid, rel in plan.base:
+            tmap[tid] = param_tid[site.prefix + rel]
+            smap[t_sid[tid]] = out_t_sid[tmap[tid]]
+        start_new = len(out_ops)
+        t_end, y_sid = plan.end, plan.y_sid
+        host_out_sid = host_t_sid[out_tids[0]]
 
         def new_tid(tid):
-            sid = t.t_sid[tid]
-            if sid not in smap:
-                smap[sid] = len(out.s_bytes)
-                out.s_bytes.append(t.s_bytes[sid])
-                alloc = t.s_alloc[sid]
-                out.s_alloc.append(-1 if alloc == -1 else start_new + alloc)
-                free = t.s_free[sid]
-                out.s_free.append(None)
+            sid = t_sid[tid]
+            new_sid = smap.get(sid)
+            if new_sid is None:
+                new_sid = smap[sid] = len(out_s_bytes)
+                out_s_bytes.append(t_s_bytes[sid])
+                alloc = t_s_alloc[sid]
+                out_s_alloc.append(-1 if alloc == -1 else start_new + alloc)
+                free = t_s_free[sid]
+                out_s_free.append(None)
                 if alloc != -1:
-                    if sid == t.t_sid[t.outputs["y"]]:
-                        pending_free.append((smap[sid], host.t_sid[out_tids[0]]))
+                    if sid == y_sid:
+                        pending_free.append((new_sid, host_out_sid))
                     elif free is not None and free <= t_end:
-                        out.s_free[smap[sid]] = start_new + free
+                        out_s_free[new_sid] = start_new + free
                     else:
                         # still held when the template's autocast region closed: autocast's
                         # cache of a weight cast, which lives until the host's region closes
-                        pending_cache.append(smap[sid])
-            out.t_sid.append(smap[sid])
-            out.t_dtype.append(t.t_dtype[tid])
-            out.t_shape.append(t.t_shape[tid])
-            out.t_bytes.append(t.t_bytes[tid])
-            name = t.t_param[tid]
-            out.t_param.append(None if name is None else
-                               site.adapter_prefix + name.partition(":")[2].removeprefix("hyper."))
-            return len(out.t_sid) - 1
+                        pending_cache.append(new_sid)
+            out_t_sid.append(new_sid)
+            out_t_dtype.append(t_dtype[tid])
+            out_t_shape.append(t_shape[tid])
+            out_t_bytes.append(t_bytes[tid])
+            suffix = param_suffix[tid]
+            out_t_param.append(None if suffix is None else adapter_prefix + suffix)
+            return len(out_t_sid) - 1
 
-        for op in t.ops:
-            name = t.opnames[op[0]]
-            if name == "_to_copy.default" and op[2] and t.t_param[op[2][0][1]] is not None:
-                source = t.t_param[op[2][0][1]]
-                shared = site.adapter_prefix + source.partition(":")[2].removeprefix("hyper.")
-                if source.startswith("adapter:") and shared in cast_cache:
+        for name, cast, op_ins, op_outs, module_suffix in plan.ops:
+            if cast is not None:
+                shared = adapter_prefix + cast[0]
+                if cast[1] and shared in cast_cache:
                     # autocast casts a weight once per region (its cache): later sites reuse it
-                    tmap[op[3][0]] = cast_cache[shared]
+                    tmap[op_outs[0]] = cast_cache[shared]
                     continue
             ins = []
-            for arg, tid in op[2]:
-                if tid not in tmap:
-                    tmap[tid] = new_tid(tid)
-                ins.append((arg, tmap[tid]))
+            for arg, tid in op_ins:
+                new = tmap.get(tid)
+                if new is None:
+                    new = tmap[tid] = new_tid(tid)
+                ins.append((arg, new))
             outs = []
-            for tid in op[3]:
-                if tid not in tmap:
-                    tmap[tid] = new_tid(tid)
-                outs.append(tmap[tid])
-            if name == "_to_copy.default" and op[2] and t.t_param[op[2][0][1]] is not None:
-                source = t.t_param[op[2][0][1]]
-                if source.startswith("adapter:"):
-                    cast_cache[site.adapter_prefix + source.partition(":")[2].removeprefix("hyper.")] = outs[0]
-            if name not in opname_idx:
-                opname_idx[name] = len(out.opnames)
+            for tid in op_outs:
+                new = tmap.get(tid)
+                if new is None:
+                    new = tmap[tid] = new_tid(tid)
+                outs.append(new)
+            if cast is not None and cast[1]:
+                cast_cache[shared] = outs[0]
+            name_index = opname_idx.get(name)
+            if name_index is None:
+                name_index = opname_idx[name] = len(out.opnames)
                 out.opnames.append(name)
-            mod = path + ("." + t.modules[op[1]] if t.modules[op[1]] else "")
-            if mod not in module_idx:
-                module_idx[mod] = len(out.modules)
+            mod = path + module_suffix
+            mod_index = module_idx.get(mod)
+            if mod_index is None:
+                mod_index = module_idx[mod] = len(out.modules)
                 out.modules.append(mod)
-            out.ops.append((opname_idx[name], module_idx[mod], ins, outs))
+            out_ops.append((name_index, mod_index, ins, outs))
         for f in t.functions:
             out.functions.append((f[0], start_new + f[1], start_new + f[2], [tmap[x] for x in f[3]],
                                   [tmap[x] for x in f[4]], *f[5:]))
-        y = tmap[t.outputs["y"]]
+        y = tmap[plan.y]
         # the host ops of this call, and what they allocated, are gone
+        last_new = len(out_ops) - 1
         for k in range(first, last + 1):
-            new_index[k] = len(out.ops) - 1
-            for tid in host.ops[k][3]:
-                sid = host.t_sid[tid]
-                if host.s_alloc[sid] == k:
-                    out.s_alloc[sid] = None
+            new_index[k] = last_new
+            for tid in host_ops[k][3]:
+                sid = host_t_sid[tid]
+                if host_s_alloc[sid] == k:
+                    out_s_alloc[sid] = None
         replace[out_tids[0]] = y
         for host_out in out_tids[1:]:
             replace[host_out] = y
         # host tensors that view the call's output (reshapes after it) now view the template's
-        for tid in tids_of_storage.get(host.t_sid[out_tids[0]], ()):
-            out.t_sid[tid] = out.t_sid[y]
+        for tid in tids_of_storage.get(host_out_sid, ()):
+            out_t_sid[tid] = out_t_sid[y]
         i = last + 1
     # frees and markers in new op indices
-    for sid in range(len(host.s_free)):
-        free = host.s_free[sid]
-        out.s_free[sid] = None if free is None else new_index.get(free, free)
-        if out.s_alloc[sid] not in (None, -1):
-            out.s_alloc[sid] = new_index[host.s_alloc[sid]]
+    get_new = new_index.get
+    for sid, free in enumerate(host.s_free):
+        out_s_free[sid] = None if free is None else get_new(free, free)
+        if out_s_alloc[sid] not in (None, -1):
+            out_s_alloc[sid] = new_index[host_s_alloc[sid]]
     for new_sid, host_sid in pending_free:
-        out.s_free[new_sid] = out.s_free[host_sid]
-    exit_at = new_index.get(host.markers.get("autocast_exit", n - 1), len(out.ops) - 1)
+        out_s_free[new_sid] = out_s_free[host_sid]
+    exit_at = get_new(host.markers.get("autocast_exit", n - 1), len(out_ops) - 1)
     for new_sid in pending_cache:
-        out.s_free[new_sid] = exit_at
-    out.markers = {k: new_index.get(v, v) for k, v in host.markers.items()}
+        out_s_free[new_sid] = exit_at
+    out.markers = {k: get_new(v, v) for k, v in host.markers.items()}
     out.regions = [(r[0], new_index[r[1]] if r[1] not in by_start else _first_new(new_index, r[1], out),
                     new_index[r[2]], [replace.get(t, t) for t in r[3]], [replace.get(t, t) for t in r[4]])
                    for r in host.regions]
