@@ -1,12 +1,13 @@
-"""How long `vramplan fit` takes to search, on the three cases issue 5 names.
+"""How long `vramplan fit` takes to search, on the three cases issue 5 names and a several-GPU one.
 
-    python scripts/benchmark_fit.py [--repeat 3] [--json]
+    python scripts/benchmark_fit.py [--repeat 3] [--json] [--case NAME]
 
 Each case is searched in a fresh process (what a user's `vramplan fit` pays: imports, the
 catalog's traces read from disk, then the search) and again in the same process with the
-estimate cache cleared (the search alone, traces already loaded). Reported per case: wall time,
-estimate() calls, candidates decided without one, the plans found, and the share of the time
-spent inside estimate().
+estimate cache and the step's kept replays cleared (the search alone, traces already loaded).
+Reported per case: wall time, estimate() calls, candidates decided without one, the plans found,
+and the shares of the time spent inside estimate() and inside the device floor (the step's
+records without the allocator's replay, `vramplan.fit.walk.device_floor`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ CASES = {
     "sd15 lora 8GB": {"model": "sd15", "method": "lora", "gpu": "8GB"},
     "sdxl lora 8GB": {"model": "sdxl", "method": "lora", "gpu": "8GB"},
     "sd15 dreambooth 12GB": {"model": "sd15", "method": "dreambooth", "gpu": "12GB"},
+    "sdxl full 4xrtx4090": {"model": "sdxl", "method": "full", "gpus": "4xrtx4090"},
 }
 
 CHILD = r"""
@@ -44,29 +46,41 @@ def cold(options: dict) -> dict:
 
 
 def warm(options: dict) -> dict:
-    """The search alone: traces loaded, the estimate cache empty; time inside estimate()."""
-    import vramplan.estimate
+    """The search alone: traces loaded, the estimate cache and the kept replays empty; time
+    inside estimate() and inside the device floor, measured around the search's own ones."""
+    import vramplan.estimate.step as step
     import vramplan.fit.walk as walk
     from vramplan.fit import fit_request, search
     from vramplan.spec import build_spec
 
     search(fit_request(build_spec(options)))          # load the model's traces once
-    walk.clear_cache()
-    inside = []
+    inside, floors = [], []
 
-    def timed(spec):
+    def timed(function, seconds):
+        def run(spec):
+            start = time.perf_counter()
+            try:
+                return function(spec)
+            finally:
+                seconds.append(time.perf_counter() - start)
+        return run
+
+    real_estimator, real_floor = walk._default_estimator, walk.device_floor
+    walk._default_estimator = timed(real_estimator, inside)   # still the default: the floor is used
+    walk.device_floor = timed(real_floor, floors)
+    walk.clear_cache()
+    step.clear_reuse()
+    try:
         start = time.perf_counter()
-        try:
-            return vramplan.estimate.estimate(spec)
-        finally:
-            inside.append(time.perf_counter() - start)
-
-    start = time.perf_counter()
-    result = search(fit_request(build_spec(options)), estimator=timed)
-    seconds = time.perf_counter() - start
-    walk.clear_cache()
+        result = search(fit_request(build_spec(options)))
+        seconds = time.perf_counter() - start
+    finally:
+        walk._default_estimator, walk.device_floor = real_estimator, real_floor
+        walk.clear_cache()
+        step.clear_reuse()
     return {"seconds": seconds, "estimates": result.estimates, "decided_free": result.decided_free,
             "in_estimate": sum(inside), "per_estimate": statistics.mean(inside) if inside else 0.0,
+            "in_floor": sum(floors), "floors": len(floors),
             "plans": [" ".join(p.labels) for p in result.plans], "fits": result.fits,
             "notes": list(result.notes)}
 
@@ -75,9 +89,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=3, help="runs per case; the median is reported")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--case", action="append", choices=list(CASES), help="only this case (repeatable)")
     args = parser.parse_args(argv)
     rows = {}
     for name, options in CASES.items():
+        if args.case and name not in args.case:
+            continue
         colds = [cold(options) for _ in range(args.repeat)]
         warms = [warm(options) for _ in range(args.repeat)]
         rows[name] = {
@@ -86,16 +103,19 @@ def main(argv=None) -> int:
             "estimates": warms[0]["estimates"], "decided_free": warms[0]["decided_free"],
             "per_estimate_seconds": statistics.median(w["per_estimate"] for w in warms),
             "share_in_estimate": statistics.median(w["in_estimate"] / w["seconds"] for w in warms),
+            "floors": warms[0]["floors"],
+            "share_in_floor": statistics.median(w["in_floor"] / w["seconds"] for w in warms),
             "fits": warms[0]["fits"], "plans": warms[0]["plans"], "notes": warms[0]["notes"],
         }
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     print(f"{'case':24} {'cold s':>7} {'search s':>9} {'estimates':>10} {'free':>5} {'s/estimate':>11} "
-          f"{'in estimate':>12}")
+          f"{'in estimate':>12} {'floors':>7} {'in floor':>9}")
     for name, row in rows.items():
         print(f"{name:24} {row['cold_seconds']:7.2f} {row['warm_seconds']:9.2f} {row['estimates']:10d} "
-              f"{row['decided_free']:5d} {row['per_estimate_seconds']:11.3f} {100 * row['share_in_estimate']:11.0f}%")
+              f"{row['decided_free']:5d} {row['per_estimate_seconds']:11.3f} {100 * row['share_in_estimate']:11.0f}% "
+              f"{row['floors']:7d} {100 * row['share_in_floor']:8.0f}%")
     for name, row in rows.items():
         print(f"\n{name}: {len(row['plans'])} plan(s)" + ("" if row["fits"] else " (nothing fits)"))
         for plan in row["plans"]:

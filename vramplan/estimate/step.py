@@ -6,22 +6,31 @@ text encoders) -> optimizer (states on the first step, transients, then gradient
 `zero_grad(set_to_none=True)`). Two steps, so that the second runs with optimizer states
 resident, as every later step does. Each phase is replayed from the recorded graphs
 (`replay.py`); everything else is counted from the inventories.
+
+`fit` builds this timeline for many specs that differ in a setting or two, and most replays do
+not depend on the setting that changed (the VAE's and the frozen text encoders' inference never
+depend on the rank or the optimizer, the denoiser's forward and backward never on the optimizer
+or the caching). So each replay's clock events are kept, relative to its first, under the exact
+inputs that decide them, and a later timeline with the same inputs re-applies them at its own
+clock (`_Window`): the same records, in the same order, at the same distances.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from vramplan.estimate.optimizer import optimizer_state_tensors
 from vramplan.estimate.optimizer_step import clip_scalars, step_transients
 from vramplan.estimate.adapters import adapted
 from vramplan.estimate.concrete import concretize
-from vramplan.estimate.replay import Clock, ReplayOptions, Replayer
-from vramplan.estimate.traces import graph_for
+from vramplan.estimate.replay import Clock, Replayed, ReplayOptions, Replayer
+from vramplan.estimate.traces import attention_name, graph_for
 from vramplan.estimate.weights import resident_components, weight_tensors
 from vramplan.footprint import Category
 from vramplan.timeline import Record
 from vramplan.methods import get_method
+from vramplan.methods import get_method as registered_method
 from vramplan.precision import ITEMSIZE, graph_variant, trainable_dtype, vae_dtype
 from vramplan.spec import BaseQuant, TrainingSpec
 
@@ -42,15 +51,30 @@ def _sizes(spec: TrainingSpec) -> dict:
     return {"B": spec.images_per_step, "H": height // scale, "W": width // scale}
 
 
-def build_timeline(spec: TrainingSpec, inventories: dict) -> StepTimeline:
+def build_timeline(spec: TrainingSpec, inventories: dict, *, hand_on: bool = False) -> StepTimeline:
+    """The step's timeline. `hand_on`: a caller that only reads it (fit's lower bound) lets the
+    next build of the same spec take this one instead of building it again."""
+    key = _replay_key(spec, inventories, get_method(spec.method), "timeline", every_field=True)
+    pins = tuple(inventories.values())
+    if key is not None and _HANDED_ON:
+        (known, known_pins, timeline), = _HANDED_ON
+        _HANDED_ON.clear()
+        if known == key and _same(known_pins, pins):
+            return timeline
+    timeline = _build_timeline(spec, inventories)
+    if hand_on and key is not None:
+        _HANDED_ON.append((key, pins, timeline))
+    return timeline
+
+
+def _build_timeline(spec: TrainingSpec, inventories: dict) -> StepTimeline:
     clock = Clock()
     out = StepTimeline(clock)
-    method = get_method(spec.method)
-    trained = method.trainable_tensors(spec, inventories)
+    trained, weights = step_tensors(spec, inventories)
     resident = resident_components(spec)
 
     clock.phase("load")
-    for t in weight_tensors(spec, inventories):
+    for t in weights:
         clock.alloc(t.nbytes, t.category, "load", module=t.name)
 
     trainable_names = {(c, t.name) for c, ts in trained.items() for t in ts}
@@ -76,9 +100,9 @@ def build_timeline(spec: TrainingSpec, inventories: dict) -> StepTimeline:
             micro_prefix = prefix + (f"micro {micro + 1} " if micro else "")
             if first is None:
                 window_start = clock.now + 1
-                phases_before = len(clock.phases)
+                records_before, phases_before = len(clock.records), len(clock.phases)
                 step_grads, step_batch = _one_step(spec, inventories, trained, resident, clock, prefix, out)
-                first = (window_start, clock.now, phases_before, step_grads, step_batch)
+                first = (window_start, clock.now, records_before, phases_before, step_grads, step_batch)
             else:
                 # every later (micro-)step allocates what the first did, in the same order
                 step_grads, step_batch = _repeat_step(clock, *first, micro_prefix)
@@ -117,18 +141,27 @@ def build_timeline(spec: TrainingSpec, inventories: dict) -> StepTimeline:
     return out
 
 
-def _repeat_step(clock: Clock, start: int, end: int, phases_before: int, grads: list, batch: list,
-                 prefix: str) -> tuple[list, list]:
-    """Copy the records of events start..end (encode to backward of the first step) to now."""
+def _repeat_step(clock: Clock, start: int, end: int, first_record: int, phases_before: int, grads: list,
+                 batch: list, prefix: str) -> tuple[list, list]:
+    """Copy the records of events start..end (encode to backward of the first step) to now.
+    Records are appended in event order, so the first step's begin at `first_record`."""
     offset = clock.now + 1 - start
+    wanted = {id(r) for r in grads} | {id(r) for r in batch}
     copies = {}
-    for rec in list(clock.records):
-        if start <= rec.alloc_at <= end:
-            free = rec.free_at + offset if rec.free_at is not None and rec.free_at <= end else None
-            copy = Record(rec.nbytes, rec.alloc_at + offset, free, rec.category,
-                          prefix + rec.phase, rec.module, rec.op, rec.saved)
-            clock.records.append(copy)
-            copies[id(rec)] = copy
+    phases = {}
+    records = clock.records
+    for rec in records[first_record:]:
+        alloc_at = rec.alloc_at
+        if start <= alloc_at <= end:
+            free = rec.free_at
+            phase = phases.get(rec.phase)
+            if phase is None:
+                phase = phases[rec.phase] = prefix + rec.phase
+            copy = Record(rec.nbytes, alloc_at + offset, free + offset if free is not None and free <= end else None,
+                          rec.category, phase, rec.module, rec.op, rec.saved)
+            records.append(copy)
+            if id(rec) in wanted:
+                copies[id(rec)] = copy
     for name, event in clock.phases[phases_before:]:
         if start <= event <= end + 1 and not name.endswith("optimizer"):
             clock.phases.append((prefix + name, event + offset))
@@ -149,8 +182,8 @@ def _one_step(spec, inventories, trained, resident, clock: Clock, prefix: str, o
                              prefix + "encode")
         batch_inputs.append(pixels)
         vae_env = dict(env, H=height, W=width)
-        _inference(graph_for(spec, "vae", "fp32" if vae_dtype(spec) == "float32" else "pure"),
-                   vae_env, clock, prefix + "encode", out, {"pixel_values": pixels})
+        _inference(spec, "vae", "fp32" if vae_dtype(spec) == "float32" else "pure",
+                   vae_env, clock, out, {"pixel_values": pixels})
     trained_tes = [c.name for c in model.text_encoders if c.name in trained]
     frozen_tes = [c.name for c in model.text_encoders if c.name not in trained and c.name in resident]
     ids = {}
@@ -159,8 +192,8 @@ def _one_step(spec, inventories, trained, resident, clock: Clock, prefix: str, o
         ids[name] = clock.alloc(env["B"] * model.text_lengths[name] * 8, Category.INPUTS, prefix + "encode")
         batch_inputs.append(ids[name])
     for name in frozen_tes:
-        _inference(graph_for(spec, name, graph_variant(spec, False, autocast=False)), env, clock,
-                   prefix + "encode", out, {"input_ids": ids[name]})
+        _inference(spec, name, graph_variant(spec, False, autocast=False), env, clock, out,
+                   {"input_ids": ids[name]})
 
     clock.phase(prefix + "forward")
     te_replays = []
@@ -171,8 +204,7 @@ def _one_step(spec, inventories, trained, resident, clock: Clock, prefix: str, o
             variant += "-ti"
         elif method.output_keeps_input_dtype and variant == "amp-frozen":
             variant += "-keep-te"
-        graph = adapted(concretize(graph_for(spec, name, variant), env), spec, method, name,
-                        method.wrapped_modules(spec, name, inventories), variant)
+        graph = _adapted_graph(spec, inventories, method, name, variant, env)
         rep = Replayer(graph,
                        ReplayOptions(trainable=method.parameter_filter(spec, name, inventories),
                                      gradient_checkpointing=False, phase_prefix=prefix), clock)
@@ -183,16 +215,23 @@ def _one_step(spec, inventories, trained, resident, clock: Clock, prefix: str, o
         variant += f"-keep-{spec.lora_targets.value}"
     if spec.base_quant is not BaseQuant.NONE:
         variant += f"-{spec.base_quant.value}"
-    graph = adapted(concretize(graph_for(spec, denoiser, variant), env), spec, method, denoiser,
-                    method.wrapped_modules(spec, denoiser, inventories), variant)
-    rep = Replayer(graph, ReplayOptions(trainable=method.parameter_filter(spec, denoiser, inventories),
-                                 inputs_require_grad=frozenset(_denoiser_rg_inputs(spec, trained_tes)),
-                                 gradient_checkpointing=spec.gradient_checkpointing,
-                                 phase_prefix=prefix), clock)
-    rep.forward()
-    clock.phase(prefix + "backward")
-    result = rep.backward()
-    rep.finish()
+
+    def replay_denoiser() -> Replayed:
+        graph = _adapted_graph(spec, inventories, method, denoiser, variant, env)
+        rep = Replayer(graph, ReplayOptions(trainable=method.parameter_filter(spec, denoiser, inventories),
+                                            inputs_require_grad=frozenset(_denoiser_rg_inputs(spec, trained_tes)),
+                                            gradient_checkpointing=spec.gradient_checkpointing,
+                                            phase_prefix=prefix), clock)
+        rep.forward()
+        clock.phase(prefix + "backward")
+        replayed = rep.backward()
+        rep.finish()
+        return replayed
+
+    # the denoiser's forward and backward: decided by the spec's replayed fields and which text
+    # encoders train (their outputs require grad)
+    key = _replay_key(spec, inventories, method, "denoiser", variant, tuple(trained_tes), prefix)
+    result = _replayed(clock, key, inventories, replay_denoiser)
     out.unknown_ops |= result.unknown_ops
     if not prefix:
         out.saved_by_module.update(result.saved_by_module)
@@ -216,8 +255,184 @@ def _denoiser_rg_inputs(spec: TrainingSpec, trained_tes: list) -> set:
     return {"encoder_hidden_states", "text_embeds", "pooled_projections"}
 
 
-def _inference(graph, env, clock: Clock, phase: str, out: StepTimeline, inputs: dict | None = None) -> None:
-    rep = Replayer(concretize(graph, env), ReplayOptions(trainable=lambda name: False, phase_prefix=""), clock)
-    rep.forward(inputs)
-    rep.finish(keep=list((inputs or {}).values()))
-    out.unknown_ops |= rep.result.unknown_ops
+def _inference(spec: TrainingSpec, component: str, variant: str, env: dict, clock: Clock,
+               out: StepTimeline, inputs: dict) -> None:
+    """A frozen component's forward without grad, on inputs the caller allocated (and keeps)."""
+    def replay() -> Replayed:
+        rep = Replayer(concretize(graph_for(spec, component, variant), env),
+                       ReplayOptions(trainable=lambda name: False, phase_prefix=""), clock)
+        rep.forward(inputs)
+        rep.finish(keep=list(inputs.values()))
+        return rep.result
+
+    # decided by the graph (model, component, variant, attention) and its sizes alone
+    key = None if not REUSE else (_model_key(spec), component, variant, attention_name(spec),
+                                  tuple(sorted(env.items())), tuple(inputs))
+    out.unknown_ops |= _replayed(clock, key, None, replay).unknown_ops
+
+
+# -- reuse across timelines ----------------------------------------------------------------------
+
+REUSE = True     # keep and re-apply replays (tests switch it off to compare)
+
+# Spec fields no replay reads: they decide the load and optimizer phases (weights, optimizer
+# states and transients, EMA), whether the frozen encoders run at all, or the distributed rewrite
+# that starts from this timeline (vramplan.distributed).
+NOT_REPLAYED = frozenset({"optimizer", "momentum", "cache_latents", "cache_text_embeddings", "ema",
+                          "gradient_accumulation_steps", "gpu", "num_gpus", "strategy", "fsdp_sharding",
+                          "offload"})
+
+
+class _Lru:
+    def __init__(self, size: int):
+        self.size = size
+        self.items: OrderedDict = OrderedDict()
+
+    def get(self, key):
+        value = self.items.get(key)
+        if value is not None:
+            self.items.move_to_end(key)
+        return value
+
+    def put(self, key, value) -> None:
+        self.items[key] = value
+        self.items.move_to_end(key)
+        while len(self.items) > self.size:
+            self.items.popitem(last=False)
+
+
+# An SDXL denoiser window is some 50 000 rows (about 8 MB), an adapted SDXL graph some tens of MB.
+_WINDOWS = _Lru(12)
+_GRAPHS = _Lru(4)
+
+
+_HANDED_ON: list = []    # [(key, pins, StepTimeline)]: at most one, for the next build of its spec
+
+
+def clear_reuse() -> None:
+    _WINDOWS.items.clear()
+    _GRAPHS.items.clear()
+    _TENSORS.items.clear()
+    _HANDED_ON.clear()
+
+
+def _same(pins: tuple, others: tuple) -> bool:
+    """The same objects, one by one (what a key holds by identity)."""
+    return len(pins) == len(others) and all(a is b for a, b in zip(pins, others))
+
+
+def _model_key(spec: TrainingSpec) -> tuple:
+    model = spec.model
+    return (model.key, getattr(model, "local_path", None), getattr(model, "base_model", None))
+
+
+def _replay_key(spec: TrainingSpec, inventories: dict, method, *parts, ignore: frozenset = frozenset(),
+                every_field: bool = False) -> tuple | None:
+    """The spec's replayed fields (less `ignore`; or `every_field`), the model and its inventories
+    (by identity: users check they are the same objects), and `parts`. None when nothing may be
+    reused: the method is seen through a wrapper (the FSDP rewrite widens what trains)."""
+    if not REUSE or method is not registered_method(spec.method):
+        return None
+    skip = frozenset() if every_field else NOT_REPLAYED | ignore
+    fields = tuple((name, tuple(value) if isinstance(value, list) else value)
+                   for name, value in spec.to_json().items() if name not in skip)
+    return (_model_key(spec), fields, tuple((name, id(inv)) for name, inv in inventories.items())) + parts
+
+
+# Spec fields the trained tensors and the weights never depend on (sizes of the step, how it runs).
+NOT_WEIGHTS = frozenset({"optimizer", "momentum", "gradient_checkpointing", "gradient_accumulation_steps",
+                         "batch_size", "resolution", "attention", "gpu", "num_gpus", "strategy",
+                         "fsdp_sharding", "offload"})
+_TENSORS = _Lru(8)
+
+
+def step_tensors(spec: TrainingSpec, inventories: dict) -> tuple[dict, list]:
+    """(the method's trainable tensors by component, the weights on the card): read-only, shared
+    by the specs that differ only in how the step runs."""
+    method = get_method(spec.method)
+    key = _replay_key(spec, inventories, method, "tensors", every_field=True)
+    if key is not None:
+        key = tuple(kv for kv in key[1] if kv[0] not in NOT_WEIGHTS), key[0], key[2]
+        known = _TENSORS.get(key)
+        pins = tuple(inventories.values())
+        if known is not None and _same(known[0], pins):
+            return known[1]
+    tensors = method.trainable_tensors(spec, inventories), weight_tensors(spec, inventories)
+    if key is not None:
+        _TENSORS.put(key, (pins, tensors))
+    return tensors
+
+
+def _adapted_graph(spec: TrainingSpec, inventories: dict, method, component: str, variant: str, env: dict):
+    """The component's recorded graph at these sizes, with the method's adapted layers spliced in
+    (the same graph with checkpointing on or off). Replays only read it."""
+    def build():
+        return adapted(concretize(graph_for(spec, component, variant), env), spec, method, component,
+                       method.wrapped_modules(spec, component, inventories), variant)
+
+    key = _replay_key(spec, inventories, method, component, variant, tuple(sorted(env.items())),
+                      ignore=frozenset({"gradient_checkpointing"}))
+    if key is None:
+        return build()
+    known = _GRAPHS.get(key)
+    pins = tuple(inventories.values())
+    if known is not None and _same(known[0], pins):
+        return known[1]
+    graph = build()
+    _GRAPHS.put(key, (pins, graph))
+    return graph
+
+
+@dataclass(frozen=True)
+class _Window:
+    """What one replay did to the clock, relative to the event before it: its records as
+    (nbytes, alloc_at, free_at or None, category, phase, module, op, saved) when it ended (those
+    still live are freed later by the caller, through the result's handles), the phases it began,
+    the events it took, and its result with rows in place of records."""
+    pins: tuple                  # the objects whose identity the key holds
+    rows: tuple
+    phases: tuple
+    length: int
+    unknown_ops: frozenset
+    saved_by_module: tuple
+    param_grads: tuple           # (parameter name, row)
+    input_grads: tuple           # (input role, row)
+
+    def apply(self, clock: Clock) -> Replayed:
+        base = clock.now
+        records = [Record(n, a + base, None if f is None else f + base, c, p, m, o, s)
+                   for n, a, f, c, p, m, o, s in self.rows]
+        clock.records.extend(records)
+        clock.phases.extend((name, event + base) for name, event in self.phases)
+        clock.now = base + self.length
+        return Replayed(unknown_ops=set(self.unknown_ops), saved_by_module=dict(self.saved_by_module),
+                        param_grads={name: records[i] for name, i in self.param_grads},
+                        input_grads={role: records[i] for role, i in self.input_grads})
+
+
+def _replayed(clock: Clock, key: tuple | None, inventories: dict | None, replay) -> Replayed:
+    """`replay()` on the clock, or what it did the last time under `key`, re-applied."""
+    if key is None:
+        return replay()
+    pins = tuple((inventories or {}).values())
+    window = _WINDOWS.get(key)
+    if window is not None and _same(window.pins, pins):
+        return window.apply(clock)
+    base, first, first_phase = clock.now, len(clock.records), len(clock.phases)
+    before = [(r.free_at, r.category, r.saved) for r in clock.records]
+    result = replay()
+    records = clock.records[first:]
+    row_of = {id(r): i for i, r in enumerate(records)}
+    handles = list(result.param_grads.values()) + list(result.input_grads.values())
+    if (any(id(r) not in row_of for r in handles) or len(clock.records) < first
+            or any((r.free_at, r.category, r.saved) != b for r, b in zip(clock.records, before))):
+        return result   # it touched records it did not make: not a window to re-apply elsewhere
+    rows = tuple((r.nbytes, r.alloc_at - base, None if r.free_at is None else r.free_at - base, r.category,
+                  r.phase, r.module, r.op, r.saved) for r in records)
+    _WINDOWS.put(key, _Window(
+        pins=pins, rows=rows, phases=tuple((name, event - base) for name, event in clock.phases[first_phase:]),
+        length=clock.now - base, unknown_ops=frozenset(result.unknown_ops),
+        saved_by_module=tuple(result.saved_by_module.items()),
+        param_grads=tuple((name, row_of[id(r)]) for name, r in result.param_grads.items()),
+        input_grads=tuple((role, row_of[id(r)]) for role, r in result.input_grads.items())))
+    return result

@@ -16,7 +16,9 @@ better somewhere, worse elsewhere), so the table shows the frontier, best first.
 cached by spec; candidates already decided by memory order (at least as hungry as one that failed,
 no hungrier than one that fit) cost nothing; a static bound (weights, optimizer states and
 gradients, alive together at the end of every backward) rejects hopeless candidates without an
-estimate. Once a plan is listed, a later one must beat it on some axis: before a candidate is
+estimate, and the device floor (`device_floor`: the step's peak of live bytes and the context,
+all of an estimate but the caching allocator's replay) rejects most others that do not fit. Both
+are lower bounds, so every candidate is decided as its estimate would decide it. Once a plan is listed, a later one must beat it on some axis: before a candidate is
 estimated, the values it hopes for are probed with every other free axis at its cheapest (see
 `_Search._probes_fit`), and one failed probe rules out the whole family of such trade-offs.
 
@@ -54,7 +56,7 @@ from vramplan.errors import UsageError
 from vramplan.estimate.optimizer import optimizer_state_tensors
 from vramplan.estimate.overheads import cublas_workspace_bytes, cuda_context_bytes
 from vramplan.estimate.result import Estimate
-from vramplan.estimate.weights import weight_tensors
+from vramplan.estimate.step import step_tensors
 from vramplan.fit.margin import SafetyMargin, safety_margin
 from vramplan.fit.space import COUPLED, Axis, FitRequest, apply_values, combination_error, search_axes
 from vramplan.gpus import CATALOG, Gpu
@@ -194,14 +196,32 @@ class PerGpuShare:
                 "model_states": dict(self.model_states), "rules": list(self.rules)}
 
 
+# One GPU's records of the last spec whose device floor was taken, for its estimate to follow.
+_PER_GPU: list = []
+
+
+def _per_gpu_records(spec: TrainingSpec, keep: bool = False):
+    from vramplan.distributed.plan import per_gpu_records
+
+    key = _key(spec)
+    if _PER_GPU:
+        (known, parts), = _PER_GPU
+        _PER_GPU.clear()
+        if known == key:
+            return parts
+    parts = per_gpu_records(spec, load_model_inventories(spec.model))
+    if keep:
+        _PER_GPU.append((key, parts))
+    return parts
+
+
 def per_gpu_estimate(spec: TrainingSpec) -> Estimate:
     """One GPU's footprint under the spec's strategy, and host RAM: what `estimate_distributed`
     computes first, without the same spec on one GPU and the no-offload comparison it adds for
     the report (a third to a half of its time)."""
-    from vramplan.distributed.plan import per_gpu_records
     from vramplan.footprint_build import build_footprint
 
-    rw, states, host, rules = per_gpu_records(spec, load_model_inventories(spec.model))
+    rw, states, host, rules = _per_gpu_records(spec)
     footprint, _, notes = build_footprint(rw.records, rw.phases, spec.gpu, "estimate")
     return Estimate(spec=spec, parameters={}, footprint=footprint, notes=tuple(notes),
                     distributed=PerGpuShare(host, states, tuple(rules)))
@@ -228,8 +248,8 @@ def static_bytes(spec: TrainingSpec, inventories: dict) -> int:
     only: a strategy shards these, so a distributed spec has no such bound (0)."""
     if spec.is_distributed:
         return 0
-    weights = sum(t.nbytes for t in weight_tensors(spec, inventories))
-    trained = get_method(spec.method).trainable_tensors(spec, inventories)
+    trained, weights = step_tensors(spec, inventories)
+    weights = sum(t.nbytes for t in weights)
     itemsize = ITEMSIZE[trainable_dtype(spec)]
     shapes = [t.shape for ts in trained.values() for t in ts]
     zeros = [t.zero_init for ts in trained.values() for t in ts]
@@ -237,6 +257,51 @@ def static_bytes(spec: TrainingSpec, inventories: dict) -> int:
     gradients = sum(t.numel for ts in trained.values() for t in ts) * itemsize
     return (weights + sum(s.nbytes for s in states if not s.on_host) + gradients
             + cublas_workspace_bytes(spec.gpu) + cuda_context_bytes(spec.gpu))
+
+
+def device_floor(spec: TrainingSpec) -> int:
+    """A lower bound of device used from the step's records alone, before the caching allocator
+    is replayed over them (most of an estimate's time): the peak of live bytes, cuBLAS workspaces
+    included, plus the CUDA context. `build_footprint`'s device used is that plus the reserve,
+    which is never negative, so this never exceeds the estimate. The records are handed on to the
+    estimate of the same spec, if it follows."""
+    from vramplan.estimate.step import build_timeline
+    from vramplan.footprint_build import add_workspaces
+
+    if spec.is_distributed:
+        rw = _per_gpu_records(spec, keep=True)[0]
+        records, phases, last_event = rw.records, rw.phases, None
+    else:
+        timeline = build_timeline(spec, load_model_inventories(spec.model), hand_on=True)
+        records, phases, last_event = timeline.clock.records, timeline.clock.phases, timeline.clock.now
+    workspaces = []
+    add_workspaces(workspaces, phases, spec.gpu)
+    if last_event is not None:
+        last_event = max([last_event] + [e for _, e in phases])
+    return peak_live_bytes(records, workspaces, last_event) + cuda_context_bytes(spec.gpu)
+
+
+def peak_live_bytes(records: list, extra: list = (), last_event: int | None = None) -> int:
+    """The most bytes live at once over the records and `extra` (`timeline.analyse`'s peak).
+    `last_event`: no record's events go past it, so they index a list (a step's clock: one
+    event per allocation or free); without it, sparse events (the distributed rewrite's) are
+    summed in a dict."""
+    if last_event is not None:
+        deltas = [0] * (last_event + 2)
+        for group in (records, extra):
+            for r in group:
+                deltas[r.alloc_at] += r.nbytes
+                if r.free_at is not None:
+                    deltas[r.free_at] -= r.nbytes
+        return max(0, max(itertools.accumulate(deltas)))
+    by_event: dict[int, int] = {}
+    get = by_event.get
+    for group in (records, extra):
+        for r in group:
+            by_event[r.alloc_at] = get(r.alloc_at, 0) + r.nbytes
+            if r.free_at is not None:
+                by_event[r.free_at] = get(r.free_at, 0) - r.nbytes
+    return max(0, max(itertools.accumulate(by_event[e] for e in sorted(by_event)), default=0))
 
 
 def accumulation_bytes(spec: TrainingSpec, inventories: dict) -> int:
@@ -263,6 +328,8 @@ class _Search:
         self.coupled = tuple(i for i, a in enumerate(axes) if a.criterion in COUPLED)
         self._valid: dict[tuple, bool] = {}
         self._floors: dict[tuple, list] = {}
+        # the real estimate's lower bound from the step's records (a made-up estimator has none)
+        self.device_floor = device_floor if estimator is _default_estimator else None
 
     # -- one candidate -----------------------------------------------------------------------
     def spec(self, choice: tuple) -> TrainingSpec:
@@ -337,7 +404,7 @@ class _Search:
             self.decided_free += 1
         else:
             spec = self.spec(choice)
-            if self.margin.required(static_bytes(spec, self.inventories)) > self.capacity:
+            if self.margin.required(static_bytes(spec, self.inventories)) > self.capacity or self._floor_fails(spec):
                 result = False
                 self.decided_free += 1
             else:
@@ -348,6 +415,18 @@ class _Search:
         self.fit_raw[choice] = result
         (self.fitting if result else self.failed).append(choice)
         return result
+
+    def _floor_fails(self, spec: TrainingSpec) -> bool:
+        """Does the device floor (`device_floor`) alone rule the candidate out? Not decided when
+        the estimate is known already, or when the floor cannot be counted (the estimate will
+        say why)."""
+        if self.device_floor is None or _key(spec) in _ESTIMATES:
+            return False
+        try:
+            floor = self.device_floor(spec)
+        except UsageError:
+            return False
+        return self.margin.required(floor) > self.capacity
 
     def _probes_fit(self, choice: tuple, prefix: tuple) -> bool:
         """Once plans are listed, a new one must beat each of them on some axis. For each axis

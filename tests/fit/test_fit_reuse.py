@@ -1,0 +1,111 @@
+"""What makes fit fast must not change what it finds: replays re-applied from an earlier timeline
+(`vramplan.estimate.step`) give the same records as replays run afresh, the device floor never
+exceeds the estimate, and a search with both gives the same plans as one without."""
+
+import pytest
+
+import vramplan.estimate.step as step
+import vramplan.fit.walk as walk
+from vramplan.estimate import estimate
+from vramplan.estimate.overheads import cuda_context_bytes
+from vramplan.fit import fit_request, search
+from vramplan.models.inventory import load_model_inventories
+from vramplan.spec import build_spec
+
+# Specs that share some replays and not others, in an order where later ones re-apply earlier
+# ones' windows: rank, optimizer, caching, checkpointing, quantization, a trained text encoder,
+# accumulation, EMA, textual inversion, and several GPUs (FSDP with adapters sees the method
+# through a wrapper, which is never reused).
+SPECS = [
+    {"method": "lora", "rank": 16},
+    {"method": "lora", "rank": 16, "optimizer": "adafactor"},
+    {"method": "lora", "rank": 16, "cache_latents": True},
+    {"method": "lora", "rank": 16, "cache_text_embeddings": True, "optimizer": "adamw8bit"},
+    {"method": "lora", "rank": 4, "gradient_checkpointing": True},
+    {"method": "lora", "rank": 4},
+    {"method": "lora", "rank": 16, "base_quant": "nf4"},
+    {"method": "lora", "rank": 16, "train_text_encoder": True},
+    {"method": "lora", "rank": 16, "train_text_encoder": True, "gradient_accumulation_steps": 3},
+    {"method": "lora", "rank": 16, "batch_size": 2, "resolution": 256},
+    {"method": "full", "ema": True, "gradient_checkpointing": True},
+    {"method": "full", "optimizer": "adafactor", "gradient_checkpointing": True},
+    {"method": "textual-inversion"},
+    {"method": "lora", "rank": 16, "gpus": "2x24GB"},
+    {"method": "lora", "rank": 16, "gpus": "2x24GB", "strategy": "fsdp"},
+    {"method": "full", "gpus": "2x24GB", "strategy": "zero2"},
+]
+
+
+def _spec(options):
+    options = dict(options)
+    if "gpus" not in options:
+        options["gpu"] = "24GB"
+    return build_spec({"model": "sd15", **options})
+
+
+def _rows(timeline):
+    clock = timeline.clock
+    return ([(r.nbytes, r.alloc_at, r.free_at, r.category, r.phase, r.module, r.op, r.saved) for r in clock.records],
+            list(clock.phases), clock.now, timeline.notes, timeline.saved_by_module, timeline.unknown_ops)
+
+
+@pytest.fixture
+def fresh():
+    step.clear_reuse()
+    walk.clear_cache()
+    yield
+    step.REUSE = True
+    step.clear_reuse()
+    walk.clear_cache()
+
+
+def test_reapplied_replays_give_the_same_timeline(fresh, monkeypatch):
+    specs = [_spec(o) for o in SPECS if "gpus" not in o]
+    inventories = load_model_inventories(specs[0].model)
+    reused = [_rows(step.build_timeline(spec, inventories)) for spec in specs]
+    assert len(step._WINDOWS.items) >= 3          # the VAE, the text encoder, denoisers
+    monkeypatch.setattr(step, "REUSE", False)
+    for spec, rows in zip(specs, reused):
+        assert _rows(step.build_timeline(spec, inventories)) == rows, spec
+
+
+def test_estimates_are_the_same_with_and_without_reuse(fresh, monkeypatch):
+    specs = [_spec(o) for o in SPECS]
+    reused = [estimate(spec).to_json() for spec in specs]
+    monkeypatch.setattr(step, "REUSE", False)
+    for spec, expected in zip(specs, reused):
+        assert estimate(spec).to_json() == expected, spec
+
+
+def test_the_device_floor_never_exceeds_the_estimate(fresh):
+    """Peak allocated plus the context: the allocator's reserve is all it leaves out. Taking it
+    hands the records on to the estimate that follows, which must not change that estimate."""
+    for options in SPECS:
+        spec = _spec(options)
+        floor = walk.device_floor(spec)
+        used = (walk.per_gpu_estimate(spec) if spec.is_distributed else estimate(spec)).footprint
+        assert floor == used.peak_allocated_bytes + cuda_context_bytes(spec.gpu) <= used.device_used_bytes, options
+        walk.clear_cache()
+        step.clear_reuse()
+        again = walk.per_gpu_estimate(spec) if spec.is_distributed else estimate(spec)
+        assert again.footprint == used, options
+
+
+@pytest.mark.parametrize("options", [
+    {"model": "sd15", "method": "lora", "gpu": "4GB"},
+    {"model": "sd15", "method": "full", "gpu": "16GB"},
+    {"model": "sd15", "method": "lora", "gpus": "2x6GB"},
+])
+def test_a_search_finds_the_same_plans_without_reuse_or_floor(fresh, monkeypatch, options):
+    def plans(result):
+        return ([(p.choice, p.to_json(), p.estimate.to_json()) for p in result.plans],
+                None if result.closest is None else result.closest.to_json())
+
+    fast = search(fit_request(build_spec(options)))
+    walk.clear_cache()
+    step.clear_reuse()
+    monkeypatch.setattr(step, "REUSE", False)
+    monkeypatch.setattr(walk, "device_floor", None)
+    slow = search(fit_request(build_spec(options)))
+    assert plans(fast) == plans(slow)
+    assert fast.estimates <= slow.estimates
