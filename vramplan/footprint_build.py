@@ -13,7 +13,7 @@ from vramplan.estimate.overheads import (CUDA_CONTEXT_SOURCE, CUBLAS_THREADS, cu
                                          cuda_context_bytes)
 from vramplan.footprint import Category, Footprint, PhasePeak
 from vramplan.gpus import Gpu
-from vramplan.timeline import Analysis, Record, analyse
+from vramplan.timeline import Analysis, Record, analyse, gc_paused
 
 
 def add_workspaces(records: list, phases: list, gpu: Gpu | None) -> None:
@@ -24,6 +24,7 @@ def add_workspaces(records: list, phases: list, gpu: Gpu | None) -> None:
         records.append(Record(cublas_workspace_bytes(gpu), start, None, Category.WORKSPACES, "workspace"))
 
 
+@gc_paused()
 def build_footprint(records: list, phases: list, gpu: Gpu | None, source: str) -> tuple[Footprint, Analysis, list]:
     add_workspaces(records, phases, gpu)
     analysis = analyse(records, phases)

@@ -8,10 +8,29 @@ composition at the peak. Pure Python: the analytic tier uses it without torch.
 from __future__ import annotations
 
 import bisect
+import gc
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import accumulate
 
 from vramplan.footprint import Category
+
+
+@contextmanager
+def gc_paused():
+    """Run a block with Python's cyclic garbage collector off (as it was, after).
+
+    An estimate builds some 10^5 acyclic objects (graph data, records, allocator blocks) that
+    live until it returns; the collector, triggered every 700 allocations, would rescan them
+    again and again for nothing: a fifth of the run. Reference counting still frees garbage.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @dataclass(slots=True)   # tens of thousands per estimate: slots make them cheaper to build and read

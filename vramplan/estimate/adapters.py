@@ -8,13 +8,11 @@ with the wrapped module's sizes and the call's input shape.
 
 from __future__ import annotations
 
-import gzip
-import json
 from functools import lru_cache
 
 from vramplan.errors import UsageError
 from vramplan.estimate.concrete import Concrete, Site, concretize, splice
-from vramplan.estimate.graph import TRACE_ROOT, parse_graph
+from vramplan.estimate.graph import TRACE_ROOT, parse_graph, read_json_gz
 from vramplan.methods.base import MethodImpl
 from vramplan.models.inventory import ModuleEntry
 from vramplan.spec import TrainingSpec
@@ -31,8 +29,7 @@ def template_key(method: str, kind: str, bias: bool, variant: str, x_dtype: str,
 def _store() -> dict:
     if not TEMPLATES.exists():
         raise UsageError(f"no layer templates ({TEMPLATES}); run scripts/record_traces.py --templates")
-    with gzip.open(TEMPLATES, "rt") as f:
-        return json.load(f)
+    return read_json_gz(TEMPLATES)
 
 
 @lru_cache(maxsize=None)

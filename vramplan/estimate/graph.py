@@ -18,6 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from vramplan.errors import UsageError
+from vramplan.timeline import gc_paused
 
 TRACE_ROOT = Path(__file__).resolve().parent.parent / "models" / "traces"
 
@@ -114,5 +115,10 @@ def load_graph(model_key: str, name: str) -> Graph:
     path = trace_path(model_key, name)
     if not path.exists():
         raise UsageError(f"no recorded trace {model_key}/{name} (run scripts/record_traces.py)")
-    with gzip.open(path, "rt") as f:
-        return parse_graph(json.load(f))
+    return parse_graph(read_json_gz(path))
+
+
+def read_json_gz(path: Path):
+    # the decoder builds ~10^5 lists, all kept: no collector passes over them meanwhile
+    with gc_paused():
+        return json.loads(gzip.decompress(path.read_bytes()))

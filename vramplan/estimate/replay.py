@@ -19,7 +19,7 @@ from typing import Callable
 from vramplan.estimate.autograd_rules import ANY, Rule, function_saves, rule_for
 from vramplan.estimate.concrete import Concrete
 from vramplan.footprint import Category
-from vramplan.timeline import Record
+from vramplan.timeline import Record, gc_paused
 
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64": 8, "int32": 4,
             "int16": 2, "int8": 1, "uint8": 1, "bool": 1, "complex64": 8, "complex128": 16}
@@ -169,6 +169,7 @@ class Replayer:
             self.clock.free(self.live.pop(sid))
 
     # -- forward -------------------------------------------------------------------------------
+    @gc_paused()
     def forward(self, inputs: dict | None = None) -> None:
         """`inputs`: role -> Record already allocated by the caller (kept, not re-counted)."""
         inputs = inputs or {}
@@ -286,6 +287,7 @@ class Replayer:
         self.saved_by_op[i] = sids
 
     # -- backward ------------------------------------------------------------------------------
+    @gc_paused()
     def backward(self, output_grads: dict | None = None) -> Replayed:
         """Start from the loss (or from gradients given for graph outputs, role -> Record)."""
         g, ops = self.g, self.g.ops
