@@ -33,6 +33,9 @@ SPECS = [
     {"method": "lora", "rank": 16, "gpus": "2x24GB"},
     {"method": "lora", "rank": 16, "gpus": "2x24GB", "strategy": "fsdp"},
     {"method": "full", "gpus": "2x24GB", "strategy": "zero2"},
+    {"method": "full", "gpus": "2x24GB", "strategy": "ddp"},
+    {"method": "full", "gpus": "2x24GB", "strategy": "fsdp"},
+    {"method": "full", "gpus": "2x24GB", "strategy": "zero3", "offload": "optimizer"},
 ]
 
 
@@ -109,3 +112,16 @@ def test_a_search_finds_the_same_plans_without_reuse_or_floor(fresh, monkeypatch
     slow = search(fit_request(build_spec(options)))
     assert plans(fast) == plans(slow)
     assert fast.estimates <= slow.estimates
+
+
+def test_strategies_share_records_they_never_change(fresh):
+    """Builds that differ only in strategy share their records: the rewrite of one strategy must
+    leave them as they were for the next."""
+    ddp = _spec({"method": "full", "gpus": "2x24GB", "strategy": "ddp"})
+    inventories = load_model_inventories(ddp.model)
+    before = _rows(step.build_timeline(ddp, inventories))
+    for strategy in ("ddp", "fsdp", "zero1"):
+        walk.per_gpu_estimate(_spec({"method": "full", "gpus": "2x24GB", "strategy": strategy}))
+    shared = step.build_timeline(ddp, inventories)
+    assert _rows(shared) == before
+    assert shared.clock.records[0] is step.build_timeline(ddp, inventories).clock.records[0]

@@ -53,7 +53,9 @@ def _sizes(spec: TrainingSpec) -> dict:
 
 def build_timeline(spec: TrainingSpec, inventories: dict, *, hand_on: bool = False) -> StepTimeline:
     """The step's timeline. `hand_on`: a caller that only reads it (fit's lower bound) lets the
-    next build of the same spec take this one instead of building it again."""
+    next build of the same spec take this one instead of building it again. A spec with a
+    strategy shares its records with the builds of the other strategies: read them, as the
+    distributed rewrite does (it copies them)."""
     key = _replay_key(spec, inventories, get_method(spec.method), "timeline", every_field=True)
     pins = tuple(inventories.values())
     if key is not None and _HANDED_ON:
@@ -61,10 +63,26 @@ def build_timeline(spec: TrainingSpec, inventories: dict, *, hand_on: bool = Fal
         _HANDED_ON.clear()
         if known == key and _same(known_pins, pins):
             return timeline
+    if key is not None and spec.is_distributed:
+        # The strategy only rewrites this timeline (vramplan.distributed), from copies of its
+        # records: fit's candidates that differ in strategy share one build.
+        shared_key = (key[0], tuple(kv for kv in key[1] if kv[0] not in STRATEGY_FIELDS)) + key[2:]
+        known = _SHARED.get(shared_key)
+        if known is None or not _same(known[0], pins):
+            known = (pins, _build_timeline(spec, inventories))
+            _SHARED.put(shared_key, known)
+        return _sharing_records(known[1])
     timeline = _build_timeline(spec, inventories)
     if hand_on and key is not None:
         _HANDED_ON.append((key, pins, timeline))
     return timeline
+
+
+def _sharing_records(timeline: StepTimeline) -> StepTimeline:
+    """A timeline of its own (lists, notes, sets) over the same records."""
+    clock = Clock()
+    clock.records, clock.phases, clock.now = list(timeline.clock.records), list(timeline.clock.phases), timeline.clock.now
+    return StepTimeline(clock, list(timeline.notes), dict(timeline.saved_by_module), set(timeline.unknown_ops))
 
 
 def _build_timeline(spec: TrainingSpec, inventories: dict) -> StepTimeline:
@@ -78,12 +96,8 @@ def _build_timeline(spec: TrainingSpec, inventories: dict) -> StepTimeline:
         clock.alloc(t.nbytes, t.category, "load", module=t.name)
 
     trainable_names = {(c, t.name) for c, ts in trained.items() for t in ts}
-    state_tensors = []
     state_size = ITEMSIZE[trainable_dtype(spec)]
-    for component, tensors in trained.items():
-        states = optimizer_state_tensors(spec.optimizer, [t.shape for t in tensors], state_size,
-                                         spec.momentum, zero_params=[t.zero_init for t in tensors])
-        state_tensors.extend(s for s in states if not s.on_host)
+    state_tensors = _device_states(spec, inventories, trained, state_size)
     transients = step_transients(spec.optimizer, [(t.numel, state_size)
                                                   for ts in trained.values() for t in ts])
     n_grads = sum(len(ts) for ts in trained.values())
@@ -102,7 +116,8 @@ def _build_timeline(spec: TrainingSpec, inventories: dict) -> StepTimeline:
                 window_start = clock.now + 1
                 records_before, phases_before = len(clock.records), len(clock.phases)
                 step_grads, step_batch = _one_step(spec, inventories, trained, resident, clock, prefix, out)
-                first = (window_start, clock.now, records_before, phases_before, step_grads, step_batch)
+                first = (window_start, clock.now, records_before, len(clock.records), phases_before, step_grads,
+                         step_batch)
             else:
                 # every later (micro-)step allocates what the first did, in the same order
                 step_grads, step_batch = _repeat_step(clock, *first, micro_prefix)
@@ -141,32 +156,24 @@ def _build_timeline(spec: TrainingSpec, inventories: dict) -> StepTimeline:
     return out
 
 
-def _repeat_step(clock: Clock, start: int, end: int, first_record: int, phases_before: int, grads: list,
-                 batch: list, prefix: str) -> tuple[list, list]:
+def _repeat_step(clock: Clock, start: int, end: int, first_record: int, last_record: int, phases_before: int,
+                 grads: list, batch: list, prefix: str) -> tuple[list, list]:
     """Copy the records of events start..end (encode to backward of the first step) to now.
-    Records are appended in event order, so the first step's begin at `first_record`."""
+    Records are appended in event order, so those are records[first_record:last_record]."""
     offset = clock.now + 1 - start
+    window = clock.records[first_record:last_record]
+    names = {phase: prefix + phase for phase in {r.phase for r in window}}
+    copies = [Record(r.nbytes, r.alloc_at + offset,
+                     None if r.free_at is None or r.free_at > end else r.free_at + offset,
+                     r.category, names[r.phase], r.module, r.op, r.saved) for r in window]
+    clock.records.extend(copies)
     wanted = {id(r) for r in grads} | {id(r) for r in batch}
-    copies = {}
-    phases = {}
-    records = clock.records
-    for rec in records[first_record:]:
-        alloc_at = rec.alloc_at
-        if start <= alloc_at <= end:
-            free = rec.free_at
-            phase = phases.get(rec.phase)
-            if phase is None:
-                phase = phases[rec.phase] = prefix + rec.phase
-            copy = Record(rec.nbytes, alloc_at + offset, free + offset if free is not None and free <= end else None,
-                          rec.category, phase, rec.module, rec.op, rec.saved)
-            records.append(copy)
-            if id(rec) in wanted:
-                copies[id(rec)] = copy
+    copy_of = {id(r): copy for r, copy in zip(window, copies) if id(r) in wanted}
     for name, event in clock.phases[phases_before:]:
         if start <= event <= end + 1 and not name.endswith("optimizer"):
             clock.phases.append((prefix + name, event + offset))
     clock.now = end + offset
-    return [copies[id(r)] for r in grads if id(r) in copies], [copies[id(r)] for r in batch if id(r) in copies]
+    return [copy_of[id(r)] for r in grads if id(r) in copy_of], [copy_of[id(r)] for r in batch if id(r) in copy_of]
 
 
 def _one_step(spec, inventories, trained, resident, clock: Clock, prefix: str, out: StepTimeline) -> list:
@@ -307,12 +314,17 @@ _GRAPHS = _Lru(4)
 
 
 _HANDED_ON: list = []    # [(key, pins, StepTimeline)]: at most one, for the next build of its spec
+# Several GPUs: the strategy's fields, which the step itself never reads; builds whose specs
+# differ only there share their records (read-only: the rewrite copies them).
+STRATEGY_FIELDS = frozenset({"gpu", "num_gpus", "strategy", "fsdp_sharding", "offload"})
+_SHARED = _Lru(12)         # an SDXL step is some 57 000 records (about 6 MB)
 
 
 def clear_reuse() -> None:
     _WINDOWS.items.clear()
     _GRAPHS.items.clear()
     _TENSORS.items.clear()
+    _SHARED.items.clear()
     _HANDED_ON.clear()
 
 
@@ -343,24 +355,48 @@ def _replay_key(spec: TrainingSpec, inventories: dict, method, *parts, ignore: f
 NOT_WEIGHTS = frozenset({"optimizer", "momentum", "gradient_checkpointing", "gradient_accumulation_steps",
                          "batch_size", "resolution", "attention", "gpu", "num_gpus", "strategy",
                          "fsdp_sharding", "offload"})
-_TENSORS = _Lru(8)
+_TENSORS = _Lru(16)
+
+
+def _tensors_key(spec: TrainingSpec, inventories: dict, method, *parts) -> tuple | None:
+    key = _replay_key(spec, inventories, method, every_field=True)
+    if key is None:
+        return None
+    return (key[0], tuple(kv for kv in key[1] if kv[0] not in NOT_WEIGHTS), key[2]) + parts
+
+
+def _kept(cache: _Lru, key: tuple | None, pins: tuple, make):
+    """`make()`, or what it made under `key` for the same pinned objects."""
+    if key is None:
+        return make()
+    known = cache.get(key)
+    if known is not None and _same(known[0], pins):
+        return known[1]
+    value = make()
+    cache.put(key, (pins, value))
+    return value
 
 
 def step_tensors(spec: TrainingSpec, inventories: dict) -> tuple[dict, list]:
     """(the method's trainable tensors by component, the weights on the card): read-only, shared
     by the specs that differ only in how the step runs."""
     method = get_method(spec.method)
-    key = _replay_key(spec, inventories, method, "tensors", every_field=True)
-    if key is not None:
-        key = tuple(kv for kv in key[1] if kv[0] not in NOT_WEIGHTS), key[0], key[2]
-        known = _TENSORS.get(key)
-        pins = tuple(inventories.values())
-        if known is not None and _same(known[0], pins):
-            return known[1]
-    tensors = method.trainable_tensors(spec, inventories), weight_tensors(spec, inventories)
-    if key is not None:
-        _TENSORS.put(key, (pins, tensors))
-    return tensors
+    return _kept(_TENSORS, _tensors_key(spec, inventories, method, "tensors"), tuple(inventories.values()),
+                 lambda: (method.trainable_tensors(spec, inventories), weight_tensors(spec, inventories)))
+
+
+def _device_states(spec: TrainingSpec, inventories: dict, trained: dict, state_size: int) -> list:
+    """The optimizer's states on the card, component by component (read-only)."""
+    def make():
+        out = []
+        for tensors in trained.values():
+            states = optimizer_state_tensors(spec.optimizer, [t.shape for t in tensors], state_size,
+                                             spec.momentum, zero_params=[t.zero_init for t in tensors])
+            out.extend(s for s in states if not s.on_host)
+        return out
+
+    key = _tensors_key(spec, inventories, get_method(spec.method), "states", spec.optimizer, spec.momentum)
+    return _kept(_TENSORS, key, tuple(inventories.values()), make)
 
 
 def _adapted_graph(spec: TrainingSpec, inventories: dict, method, component: str, variant: str, env: dict):
@@ -372,15 +408,7 @@ def _adapted_graph(spec: TrainingSpec, inventories: dict, method, component: str
 
     key = _replay_key(spec, inventories, method, component, variant, tuple(sorted(env.items())),
                       ignore=frozenset({"gradient_checkpointing"}))
-    if key is None:
-        return build()
-    known = _GRAPHS.get(key)
-    pins = tuple(inventories.values())
-    if known is not None and _same(known[0], pins):
-        return known[1]
-    graph = build()
-    _GRAPHS.put(key, (pins, graph))
-    return graph
+    return _kept(_GRAPHS, key, tuple(inventories.values()), build)
 
 
 @dataclass(frozen=True)
