@@ -176,115 +176,132 @@ class Replayer:
         g = self.g
         phase = self.opt.phase_prefix + "forward"
         roles = {tid: role for role, tid in g.inputs.items()}
+        role_of_sid = {}   # a storage's role: that of its first tensor that has one
+        for t in sorted(roles):
+            role_of_sid.setdefault(self.t_sid[t], roles[t])
         for sid, alloc in enumerate(g.s_alloc):
             if alloc == -1 and sid not in self.param_sids:
-                role = next((roles[t] for t, ts in enumerate(self.t_sid) if ts == sid and t in roles), None)
+                role = role_of_sid.get(sid)
                 if role in inputs:
                     self.live[sid] = inputs[role]
                 else:
                     self.live[sid] = self.clock.alloc(self.storage_bytes[sid], Category.INPUTS, phase)
                 self.python_alive[sid] = True
                 self.input_records[sid] = self.live[sid]
-        forward_op, python_free = self._forward_op, self._python_free
-        region_of, region_end, free_after = self.region_of, self.region_end, self.free_after
-        input_records, t_sid, param_sids, hold = self.input_records, self.t_sid, self.param_sids, self._hold
-        for i, op in enumerate(g.ops):
-            forward_op(i, op, phase, i in region_of)
+        self._forward_ops(0, len(g.ops) - 1, phase)
+
+    def _forward_ops(self, first: int, last: int, phase: str, fresh: dict | None = None) -> None:
+        """Replay ops first..last forward: the whole graph (`fresh` None), or a checkpointed
+        region recomputed in backward (`fresh` collects the storages it allocates)."""
+        g, clock = self.g, self.clock
+        ops, modules, op_info, function_of = g.ops, g.modules, self.op_info, self.function_of
+        rg, t_float, t_sid, t_param, s_alloc, s_bytes = (self.rg, self.t_float, self.t_sid, self.t_param,
+                                                         g.s_alloc, self.storage_bytes)
+        live, python_alive, holds, saved_by_op = self.live, self.python_alive, self.holds, self.saved_by_op
+        param_sids, unknown_ops, saved_by_module = self.param_sids, self.result.unknown_ops, self.result.saved_by_module
+        region_of, region_end, free_after, input_records = (self.region_of, self.region_end, self.free_after,
+                                                            self.input_records)
+        python_free = self._python_free
+        recompute = fresh is not None
+        TEMPORARIES, ACTIVATIONS, AUTOCAST_CACHE = Category.TEMPORARIES, Category.ACTIVATIONS, Category.AUTOCAST_CACHE
+        for i in range(first, last + 1):
+            op = ops[i]
+            in_region = not recompute and i in region_of
+            name, rule, plan, unknown = op_info[op[0]]
+            if unknown:
+                unknown_ops.add(name)
+            ins = op[2]
+            any_rg = False
+            if rule.differentiable:
+                for _, t in ins:
+                    if rg[t] and t_float[t]:
+                        any_rg = True
+                        break
+            function = function_of.get(i) if function_of else None
+            if function is not None:
+                # inside a custom autograd.Function: no autograd inside; its outputs depend on its inputs
+                function_outs = set(function[4])
+                inputs_rg = any(rg[t] for t in function[3] if t_float[t])
+                any_rg = False
+            cast_of_param = name == "_to_copy.default" and any(t_param[t] for _, t in ins)
+            module = None
+            for tid in op[3]:
+                if function is not None and tid in function_outs:
+                    rg[tid] = inputs_rg and t_float[tid]
+                else:
+                    rg[tid] = any_rg and t_float[tid]
+                sid = t_sid[tid]
+                if s_alloc[sid] == i and sid not in live:
+                    if module is None:
+                        module = modules[op[1]]
+                    rec = clock.alloc(s_bytes[sid], AUTOCAST_CACHE if cast_of_param else TEMPORARIES,
+                                      phase, name, module)
+                    live[sid] = rec
+                    python_alive[sid] = True
+                    if recompute:
+                        fresh[sid] = rec
+            if function is not None and i == function[2] and inputs_rg and not in_region:
+                # what the Function keeps for backward (autograd_rules.FUNCTION_SAVES)
+                keeps = function_saves(function[5] if len(function) > 5 else "")
+                kept_inputs = (function[3] if keeps == "all"
+                               else [function[3][k] for k in keeps if k < len(function[3])])
+                sids = []
+                for tid in kept_inputs:
+                    sid = t_sid[tid]
+                    if sid not in param_sids and sid not in sids:
+                        sids.append(sid)
+                        holds[sid] = holds.get(sid, 0) + 1
+                saved_by_op[i] = sids
+            elif any_rg and not in_region:
+                kept = []
+                args = None
+                for out, slot, triggers in plan:
+                    if slot == "*":
+                        kept.extend(t for _, t in ins)
+                        continue
+                    if args is None:
+                        args = {}
+                        for arg, tid in ins:
+                            args.setdefault(arg, tid)
+                    if triggers is not None and not any(rg[args[t]] for t in triggers if t in args):
+                        continue
+                    if out >= 0:
+                        if out < len(op[3]):
+                            kept.append(op[3][out])
+                    elif slot in args:
+                        kept.append(args[slot])
+                sids = []
+                for tid in kept:
+                    sid = t_sid[tid]
+                    if sid in param_sids or sid in sids:
+                        continue
+                    sids.append(sid)
+                    holds[sid] = holds.get(sid, 0) + 1
+                    rec = live.get(sid)
+                    if rec is not None and not rec.saved:
+                        rec.saved = True
+                        if rec.category is TEMPORARIES:
+                            rec.category = ACTIVATIONS
+                            module = modules[op[1]]
+                            saved_by_module[module] = saved_by_module.get(module, 0) + rec.nbytes
+                saved_by_op[i] = sids
+            # after the op: a checkpoint keeps its region's inputs; Python lets go of storages
+            if recompute:
+                frees = free_after.get(i)
+                if frees:
+                    for sid in frees:
+                        python_free(sid, only=fresh)
+                continue
             if i in region_end:
                 for tid in region_end[i][3]:
                     sid = t_sid[tid]
                     if sid not in param_sids:
-                        hold(sid)  # checkpoint keeps the region's inputs for recomputation
+                        holds[sid] = holds.get(sid, 0) + 1  # kept for recomputation
             frees = free_after.get(i)
             if frees:
                 for sid in frees:
                     if sid not in input_records:
                         python_free(sid)
-
-    def _forward_op(self, i, op, phase, in_region: bool, fresh: dict | None = None) -> None:
-        name, rule, plan, unknown = self.op_info[op[0]]
-        if unknown:
-            self.result.unknown_ops.add(name)
-        rg, t_float = self.rg, self.t_float
-        ins = op[2]
-        any_rg = False
-        if rule.differentiable:
-            for _, t in ins:
-                if rg[t] and t_float[t]:
-                    any_rg = True
-                    break
-        function = self.function_of.get(i)
-        if function is not None:
-            # inside a custom autograd.Function: no autograd inside; its outputs depend on its inputs
-            outs = set(function[4])
-            inputs_rg = any(rg[t] for t in function[3] if t_float[t])
-            any_rg = False
-        cast_of_param = name == "_to_copy.default" and any(self.t_param[t] for _, t in ins)
-        t_sid, s_alloc, live, python_alive = self.t_sid, self.g.s_alloc, self.live, self.python_alive
-        module = None
-        for tid in op[3]:
-            if function is not None and tid in outs:
-                rg[tid] = inputs_rg and t_float[tid]
-            else:
-                rg[tid] = any_rg and t_float[tid]
-            sid = t_sid[tid]
-            if s_alloc[sid] == i and sid not in live:
-                if module is None:
-                    module = self.g.modules[op[1]]
-                category = Category.AUTOCAST_CACHE if cast_of_param else Category.TEMPORARIES
-                rec = self.clock.alloc(self.storage_bytes[sid], category, phase, name, module)
-                live[sid] = rec
-                python_alive[sid] = True
-                if fresh is not None:
-                    fresh[sid] = rec
-        if function is not None and i == function[2] and inputs_rg and not in_region:
-            # what the Function keeps for backward (autograd_rules.FUNCTION_SAVES)
-            keeps = function_saves(function[5] if len(function) > 5 else "")
-            kept_inputs = function[3] if keeps == "all" else [function[3][k] for k in keeps if k < len(function[3])]
-            sids = []
-            for tid in kept_inputs:
-                sid = t_sid[tid]
-                if sid not in self.param_sids and sid not in sids:
-                    sids.append(sid)
-                    self._hold(sid)
-            self.saved_by_op[i] = sids
-            return
-        if not any_rg or in_region:
-            return
-        kept = []
-        args = None
-        for out, slot, triggers in plan:
-            if slot == "*":
-                kept.extend(t for _, t in ins)
-                continue
-            if args is None:
-                args = {}
-                for arg, tid in ins:
-                    args.setdefault(arg, tid)
-            if triggers is not None and not any(rg[args[t]] for t in triggers if t in args):
-                continue
-            if out >= 0:
-                if out < len(op[3]):
-                    kept.append(op[3][out])
-            elif slot in args:
-                kept.append(args[slot])
-        sids = []
-        param_sids, holds = self.param_sids, self.holds
-        for tid in kept:
-            sid = t_sid[tid]
-            if sid in param_sids or sid in sids:
-                continue
-            sids.append(sid)
-            holds[sid] = holds.get(sid, 0) + 1
-            rec = live.get(sid)
-            if rec is not None and not rec.saved:
-                rec.saved = True
-                if rec.category is Category.TEMPORARIES:
-                    rec.category = Category.ACTIVATIONS
-                    module = self.g.modules[op[1]]
-                    saved = self.result.saved_by_module
-                    saved[module] = saved.get(module, 0) + rec.nbytes
-        self.saved_by_op[i] = sids
 
     # -- backward ------------------------------------------------------------------------------
     @gc_paused()
@@ -294,6 +311,9 @@ class Replayer:
         phase = self.opt.phase_prefix + "backward"
         grads: dict[int, Record] = {}
         refs: dict[int, int] = {}
+        clock = self.clock
+        alloc, free = clock.alloc, clock.free
+        TEMPORARIES = Category.TEMPORARIES
 
         def give(tid: int, rec: Record) -> None:
             if tid in grads:
@@ -303,12 +323,13 @@ class Replayer:
             refs[id(rec)] = refs.get(id(rec), 0) + 1
 
         def drop(rec: Record) -> None:
-            refs[id(rec)] = refs.get(id(rec), 0) - 1
-            if refs[id(rec)] <= 0:
-                self.clock.free(rec)
+            key = id(rec)
+            count = refs[key] = refs.get(key, 0) - 1
+            if count <= 0:
+                free(rec)
 
         def new_grad(nbytes: int, op_name: str, module: str) -> Record:
-            rec = self.clock.alloc(nbytes, Category.TEMPORARIES, phase, op_name, module)
+            rec = alloc(nbytes, TEMPORARIES, phase, op_name, module)
             refs[id(rec)] = 0
             return rec
 
@@ -325,11 +346,12 @@ class Replayer:
                     give(outputs[role], rec)
 
         input_roles = {tid: role for role, tid in g.inputs.items()}
-        region_end, region_start = self.region_end, self.region_start
-        saved_pop, backward_op = self.saved_by_op.pop, self._backward_op
+        region_end, region_start, function_end = self.region_end, self.region_start, self.function_end
+        saved_pop, op_info, modules = self.saved_by_op.pop, self.op_info, g.modules
         t_sid, param_sids, holds, python_alive, live = (self.t_sid, self.param_sids, self.holds,
                                                         self.python_alive, self.live)
-        free = self.clock.free
+        rg, t_float, t_dtype, t_bytes, t_param = self.rg, self.t_float, self.t_dtype, self.t_bytes, self.t_param
+        accumulate = self._accumulate
         for i in range(len(ops) - 1, -1, -1):
             op = ops[i]
             if region_end:
@@ -338,9 +360,42 @@ class Replayer:
                     self._recompute(region, phase)
             for t in op[3]:
                 if t in grads:
-                    outs = [t for t in op[3] if t in grads]
-                    backward_op(i, op, outs, grads, refs, give, drop, new_grad, input_roles)
                     break
+            else:
+                t = None
+            if t is not None:
+                # the op's backward: a gradient for each input that requires one
+                outs = [t for t in op[3] if t in grads]
+                function = function_end.get(i) if function_end else None
+                if function is not None:
+                    self._backward_function(function, outs, grads, refs, give, drop, new_grad, input_roles)
+                else:
+                    name, rule, _, _ = op_info[op[0]]
+                    module = modules[op[1]]
+                    out_tid = outs[0]
+                    out_grad = grads[out_tid]
+                    temps, grad_kind = rule.temps, rule.grad
+                    seen = set()
+                    for arg, tid in op[2]:
+                        if tid in seen or not rg[tid] or not t_float[tid]:
+                            continue
+                        seen.add(tid)
+                        for slot, count in temps:
+                            ref = dict(op[2]).get(slot, op[2][0][1])
+                            for _ in range(count):
+                                free(new_grad(t_bytes[ref], name, module))
+                        if grad_kind == "none":
+                            continue
+                        alias = grad_kind == "alias" and t_dtype[tid] == t_dtype[out_tid] and (
+                            name in ("cat.default", "stack.default") or t_bytes[tid] == t_bytes[out_tid])
+                        grad = out_grad if alias else new_grad(t_bytes[tid], name, module)
+                        param = t_param[tid]
+                        if param is not None and tid not in input_roles:
+                            accumulate(param, grad, refs, alias, name, module)
+                        else:
+                            give(tid, grad)
+                    for t in outs:
+                        drop(grads.pop(t))
             saved = saved_pop(i, None)
             if saved:
                 for sid in saved:
@@ -390,39 +445,6 @@ class Replayer:
         for t in outs:
             drop(grads.pop(t))
 
-    def _backward_op(self, i, op, outs, grads, refs, give, drop, new_grad, input_roles) -> None:
-        g = self.g
-        function = self.function_end.get(i)
-        if function is not None:
-            return self._backward_function(function, outs, grads, refs, give, drop, new_grad, input_roles)
-        name, rule, _, _ = self.op_info[op[0]]
-        module = g.modules[op[1]]
-        out_tid = outs[0]
-        out_grad = grads[out_tid]
-        rg, t_float, t_dtype, t_bytes, t_param = self.rg, self.t_float, self.t_dtype, self.t_bytes, self.t_param
-        temps, grad_kind = rule.temps, rule.grad
-        seen = set()
-        for arg, tid in op[2]:
-            if tid in seen or not rg[tid] or not t_float[tid]:
-                continue
-            seen.add(tid)
-            for slot, count in temps:
-                ref = dict(op[2]).get(slot, op[2][0][1])
-                for _ in range(count):
-                    self.clock.free(new_grad(t_bytes[ref], name, module))
-            if grad_kind == "none":
-                continue
-            alias = grad_kind == "alias" and t_dtype[tid] == t_dtype[out_tid] and (
-                name in ("cat.default", "stack.default") or t_bytes[tid] == t_bytes[out_tid])
-            grad = out_grad if alias else new_grad(t_bytes[tid], name, module)
-            param = t_param[tid]
-            if param is not None and tid not in input_roles:
-                self._accumulate(param, grad, refs, alias, name, module)
-            else:
-                give(tid, grad)
-        for t in outs:
-            drop(grads.pop(t))
-
     def _accumulate(self, param, grad, refs, alias, op_name, module) -> None:
         """AccumulateGrad: the first gradient becomes `param.grad` (stolen when nothing else holds
         it, else cloned); later ones are added in place."""
@@ -441,10 +463,7 @@ class Replayer:
     def _recompute(self, region, phase) -> None:
         """Non-reentrant checkpoint: rerun the region's forward, keeping what backward needs."""
         fresh: dict[int, Record] = {}
-        for i in range(region[1], region[2] + 1):
-            self._forward_op(i, self.g.ops[i], phase, in_region=False, fresh=fresh)
-            for sid in self.free_after.get(i, ()):
-                self._python_free(sid, only=fresh)
+        self._forward_ops(region[1], region[2], phase, fresh)
         for sid, rec in fresh.items():
             # recomputed outputs are dropped; only what autograd holds stays
             if self.python_alive.get(sid) and self.live.get(sid) is rec:
