@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import gzip
 import json
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -100,10 +101,52 @@ def parse_graph(data: dict, names=("B", "H", "W", "R")) -> Graph:
     """Check every formula, then compile them as one list expression (one compile is much
     faster than thousands)."""
     source = "[" + ",".join(f"({t})" for t in data["exprs"]) + "]"
-    tree = ast.parse(source, mode="eval")
-    _check(tree, "the recorded formulas", names)
-    code = compile(tree, "<formulas>", "eval")
+    if _plain(source, names):
+        code = compile(source, "<formulas>", "eval")
+    else:
+        tree = ast.parse(source, mode="eval")
+        _check(tree, "the recorded formulas", names)
+        code = compile(tree, "<formulas>", "eval")
     return Graph(data=data, code=code)
+
+
+_TOKEN = re.compile(r"\s*(?:(\d+)|([A-Za-z_]\w*)|(\*\*|//|<=|>=|==|!=|[-+*%<>])|([(\[])|([)\]])|(,))")
+
+
+def _plain(source: str, names) -> bool:
+    """Whether `source` is, token by token, a list of sums and products of integers, `names` and
+    calls of `_FUNCS`: then `_check` would accept its syntax tree, and building that tree (the
+    slow part of loading a graph) can be skipped. Anything else goes through `_check`."""
+    operand = True      # expecting an operand (else an operator or a closing bracket)
+    stack = []          # open brackets: "call", "group" or "list" (where commas may appear)
+    pos, end = 0, len(source)
+    match = _TOKEN.match
+    while pos < end:
+        m = match(source, pos)
+        if m is None or m.end() == pos:
+            return source[pos:].isspace()
+        pos = m.end()
+        number, name, op, opening, closing, comma = m.groups()
+        if operand:
+            if number or (name is not None and name in names):
+                operand = False
+            elif name is not None and name in _FUNCS and source.startswith("(", pos):
+                stack.append("call")
+                pos += 1
+            elif opening is not None:
+                stack.append("list" if opening == "[" and not stack else "group")
+            elif op != "-":   # unary minus only
+                return False
+        elif op is not None:
+            operand = True
+        elif closing is not None:
+            if not stack or (closing == "]") != (stack.pop() == "list"):
+                return False
+        elif comma is not None and stack and stack[-1] in ("call", "list"):
+            operand = True
+        else:
+            return False
+    return not operand and not stack
 
 
 def trace_path(model_key: str, name: str) -> Path:

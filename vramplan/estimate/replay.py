@@ -53,7 +53,7 @@ class Clock:
 
     def free(self, rec: Record) -> None:
         if rec.free_at is None:
-            rec.free_at = self.tick()
+            self.now = rec.free_at = self.now + 1   # tick, inlined
 
     def phase(self, name: str) -> None:
         self.phases.append((name, self.now + 1))
@@ -263,8 +263,12 @@ class Replayer:
                         args = {}
                         for arg, tid in ins:
                             args.setdefault(arg, tid)
-                    if triggers is not None and not any(rg[args[t]] for t in triggers if t in args):
-                        continue
+                    if triggers is not None:
+                        for t in triggers:
+                            if t in args and rg[args[t]]:
+                                break
+                        else:
+                            continue   # no input whose gradient needs this slot requires one
                     if out >= 0:
                         if out < len(op[3]):
                             kept.append(op[3][out])
