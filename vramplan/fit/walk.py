@@ -22,9 +22,10 @@ are lower bounds, so every candidate is decided as its estimate would decide it.
 estimated, the values it hopes for are probed with every other free axis at its cheapest (see
 `_Search._probes_fit`), and one failed probe rules out the whole family of such trade-offs.
 
-Measured (scripts/benchmark_fit.py): one estimate when the best plan fits outright; SD 1.5
-DreamBooth on 12 GB in 5; SDXL LoRA on 8 GB, where little fits, in about 19 -- each SDXL
-estimate costs 0.6-0.9 s, which dominates the search.
+Measured (scripts/benchmark_fit.py, 2 cores): one estimate when the best plan fits outright; SD 1.5
+DreamBooth on 12 GB in 5; SDXL LoRA on 8 GB, where little fits, in 11 estimates and 19 device
+floors, about 4.4 s (19 estimates and 8 s before the floor and the step's kept replays): the
+allocator's replay in each estimate and the 7 distinct denoiser replays are most of it.
 
 A plan fits when its device use plus the safety margin is within the card. With gradient
 accumulation the gradients stay alive between micro-steps, through the next forward; `estimate`
