@@ -1,3 +1,3 @@
-from vramplan.cli import main
+from vramplan.cli import console
 
-raise SystemExit(main())
+raise SystemExit(console())

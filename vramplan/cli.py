@@ -95,6 +95,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that count and print, in a short process: Python's cyclic garbage collector only
+# rescans the ~10^5 acyclic objects of the decoded graphs and timelines there (reference counting
+# frees them); a collection when the estimate ends cost 0.03 s of a 0.42 s SDXL estimate, measured.
+COUNTING_COMMANDS = {"estimate", "compare", "fit", "models", "gpus"}
+
+
+def console() -> int:
+    """The `vramplan` command: `main`, with the cyclic garbage collector off for the counting
+    commands (not for `fit --train`, `train`, `simulate`, `profile`: long runs with torch), and
+    without the interpreter's last collection over what the run left (about 0.1 s of a 0.5 s SDXL
+    estimate, measured). Output is flushed and files closed by then; only objects in reference
+    cycles lose their finalizers, and the process ends anyway. Tests call `main`, which leaves the
+    collector be."""
+    import gc
+
+    argv = sys.argv[1:]
+    if argv and argv[0] in COUNTING_COMMANDS and "--train" not in argv:
+        gc.disable()
+    code = main(argv)
+    gc.freeze()
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:

@@ -12,9 +12,14 @@ from vramplan.estimate.result import Estimate
 
 
 def estimate(spec) -> Estimate:
+    """The estimate, with Python's cyclic garbage collector paused: the step builds ~10^5 acyclic
+    objects that a collection would rescan for nothing (about a tenth of the time, measured on
+    SDXL LoRA); reference counting still frees them."""
     from vramplan.estimate.core import run_estimate
+    from vramplan.timeline import gc_paused
 
-    return run_estimate(spec)
+    with gc_paused():
+        return run_estimate(spec)
 
 
 __all__ = ["estimate", "Estimate"]
