@@ -59,7 +59,9 @@ def simulate(spec: TrainingSpec, progress=None) -> Simulation:
     fake_mode = FakeTensorMode()
     from vramplan.simulate.bnb_paths import cuda_bitsandbytes
 
-    with cuda_autocast_policy(), cuda_bitsandbytes():
+    # bitsandbytes only where the frozen base is quantized: its import alone takes about a second
+    bnb = cuda_bitsandbytes() if spec.base_quant.value != "none" else contextlib.nullcontext()
+    with cuda_autocast_policy(), bnb:
         say("building the model on the meta device")
         step = build_step(spec, "fake", fake_mode=fake_mode)
         with fake_mode:
