@@ -171,15 +171,34 @@ def fsdp_rewrite(rw: Rewriter, spec: TrainingSpec, units: dict[str, list[Unit]],
 
 
 def _unit_spans(records, index: UnitIndex, in_wrapped) -> dict[int, list[int]]:
-    """id(unit) -> [first, last] scaled event of records inside the unit (nested units included)."""
-    spans: dict[int, list[int]] = {}
+    """id(unit) -> [first, last] scaled event of records inside the unit (nested units included).
+    First and last per module, then per unit: a module has many records, a unit many modules."""
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
     for r in records:
-        if not r.module or not in_wrapped(r.module):
+        module = r.module
+        if not module:
             continue
-        for unit in index.enclosing(r.module):
-            span = spans.setdefault(id(unit), [r.alloc_at, r.alloc_at])
-            span[0] = min(span[0], r.alloc_at)
-            span[1] = max(span[1], r.alloc_at)
+        at = r.alloc_at
+        if module in first:
+            if at < first[module]:
+                first[module] = at
+            if at > last[module]:
+                last[module] = at
+        else:
+            first[module] = last[module] = at
+    spans: dict[int, list[int]] = {}
+    for module, start in first.items():
+        if not in_wrapped(module):
+            continue
+        end = last[module]
+        for unit in index.enclosing(module):
+            span = spans.get(id(unit))
+            if span is None:
+                spans[id(unit)] = [start, end]
+            else:
+                span[0] = min(span[0], start)
+                span[1] = max(span[1], end)
     return spans
 
 

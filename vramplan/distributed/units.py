@@ -140,6 +140,7 @@ class UnitIndex:
         self.units = units
         self._by_path = {u.full_path: u for u in units}
         self._memo: dict[str, Unit | None] = {}
+        self._enclosing: dict[str, list[Unit]] = {}
 
     def innermost(self, module: str) -> Unit | None:
         """The deepest unit holding `module`; None outside every unit's component."""
@@ -155,7 +156,12 @@ class UnitIndex:
         return found
 
     def enclosing(self, module: str) -> list[Unit]:
-        """Every unit holding `module`, outermost first (the root, then nested blocks)."""
-        parts = module.split(".")
-        return [self._by_path[p] for p in (".".join(parts[:k]) for k in range(1, len(parts) + 1))
-                if p in self._by_path]
+        """Every unit holding `module`, outermost first (the root, then nested blocks). Memoized:
+        asked for every record of every candidate of a several-GPU fit (callers do not mutate it)."""
+        found = self._enclosing.get(module)
+        if found is None:
+            parts = module.split(".")
+            found = [self._by_path[p] for p in (".".join(parts[:k]) for k in range(1, len(parts) + 1))
+                     if p in self._by_path]
+            self._enclosing[module] = found
+        return found

@@ -226,16 +226,27 @@ def _stage3_working_set(rw: Rewriter, step, k: int, component: str, inventory: I
     if k == 0:
         result.persistent_bytes = sum(rounded(n * itemsize) for n in small.values() if n)
 
+    unit_of: dict[str, str] = {}   # record module -> the submodule that fetches for it ("" none)
+
     def spans(window):
         found: dict[str, list[int]] = {}
         for r in rw.within(window):
-            mod = r.module
-            while mod and mod not in units:
-                mod = mod.rpartition(".")[0]
+            mod = unit_of.get(r.module)
+            if mod is None:
+                mod = r.module
+                while mod and mod not in units:
+                    mod = mod.rpartition(".")[0]
+                unit_of[r.module] = mod
             if not mod:
                 continue
-            span = found.setdefault(mod, [r.alloc_at, r.alloc_at])
-            span[0], span[1] = min(span[0], r.alloc_at), max(span[1], r.alloc_at)
+            at = r.alloc_at
+            span = found.get(mod)
+            if span is None:
+                found[mod] = [at, at]
+            elif at < span[0]:
+                span[0] = at
+            elif at > span[1]:
+                span[1] = at
         return found
 
     fwd, bwd = spans(step.forward), spans(step.backward)
