@@ -46,8 +46,6 @@ keep on the CPU for every GPU of the node): it is always shown, and checked agai
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import itertools
 import json
 import re
@@ -67,6 +65,7 @@ from vramplan.methods import get_method
 from vramplan.models.inventory import load_model_inventories
 from vramplan.precision import ITEMSIZE, trainable_dtype
 from vramplan.spec import Attention, TrainingSpec
+from vramplan.timeline import gc_paused
 
 Estimator = Callable[[TrainingSpec], Estimate]
 
@@ -619,24 +618,12 @@ def optimizer_state_sizes(request: FitRequest) -> list[int] | None:
             for o in SEARCHED_OPTIMIZERS]
 
 
-@contextlib.contextmanager
-def _without_cycle_collection():
-    """A search makes millions of short-lived records and next to no reference cycles (those
-    are freed by their counts), while the cyclic collector's passes over everything alive, kept
-    replays included, took about a third of an SDXL search: off while it runs."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def search(request: FitRequest, estimator: Estimator | None = None,
            margin: SafetyMargin | None = None) -> FitResult:
     """The best plans for the request, best first, or why none fits."""
-    with _without_cycle_collection():
+    # millions of short-lived records and next to no reference cycles: the cyclic collector's
+    # passes over everything alive (kept replays included) took a third of an SDXL search
+    with gc_paused():
         return _search(request, estimator, margin)
 
 
