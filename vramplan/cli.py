@@ -1106,6 +1106,19 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
     _train_run_flags(parser, model_flag="--model-path", required=False)
 
 
+def _searching(search, request):
+    """The search, with a spinner on stderr when it is a terminal (an SDXL search takes seconds;
+    nothing is drawn into a pipe or a file, so --json output stays clean)."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        return search(request)
+    cards = f"{request.spec.num_gpus} x {request.gpu.name}" if request.spec.num_gpus > 1 else request.gpu.name
+    with console.status(f"searching the settings that fit {cards}...", spinner="dots"):
+        return search(request)
+
+
 @command("fit", "the best settings that fit a card, searched with the estimate",
          arguments=_fit_arguments,
          examples=(
@@ -1164,7 +1177,7 @@ def fit_command(args: argparse.Namespace) -> int:
         check_model(spec, options.model_path)
         check_data(spec, options)
         check_output(spec, options)
-    result = search(request)
+    result = _searching(search, request)
     if args.json:
         if result.fits:
             _print_json(_plan_json(result))
