@@ -2,7 +2,10 @@
 does (more rank, batch, resolution; less with checkpointing, caching, quantization, 8-bit or
 factored states), in round GiB, so the right answer can be found by brute force."""
 
+import itertools
+
 from vramplan.estimate.result import Estimate
+from vramplan.fit.space import apply_values, search_axes
 from vramplan.footprint import Category, Footprint
 from vramplan.units import GIB
 
@@ -27,3 +30,19 @@ def made_up_estimate(spec) -> Estimate:
     footprint = Footprint(categories={Category.ACTIVATIONS: used}, peak_allocated_bytes=used,
                           peak_reserved_bytes=used, device_used_bytes=used, peak_phase="backward")
     return Estimate(spec=spec, parameters={}, footprint=footprint)
+
+
+def brute_force(request, fits) -> list:
+    """What the search must return: every candidate in preference order, the ones `fits(spec)`
+    accepts that no earlier accepted one dominates, up to `request.top`."""
+    axes = search_axes(request)
+    listed = []
+    for choice in itertools.product(*(range(len(a.values)) for a in axes)):
+        if not fits(apply_values(request, axes, choice)):
+            continue
+        if any(all(x <= y for x, y in zip(found, choice)) for found in listed):
+            continue
+        listed.append(choice)
+        if len(listed) == request.top:
+            break
+    return [apply_values(request, axes, c) for c in listed]

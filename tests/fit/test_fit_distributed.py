@@ -3,8 +3,6 @@ first), only combinations the engines run are tried, host RAM is shown and check
 search still returns exactly the brute-force frontier -- here on a made-up estimator whose
 memory is not monotone along the strategy axis, as the real one is not."""
 
-import itertools
-
 import pytest
 
 from vramplan.estimate.result import Estimate
@@ -12,13 +10,13 @@ from vramplan.distributed.host import HostRam
 from vramplan.distributed.plan import OPTIONS, distributed_options
 from vramplan.fit import fit_request, search
 from vramplan.fit.margin import SafetyMargin
-from vramplan.fit.space import Criterion, apply_values, combination_error, search_axes, strategy_label
+from vramplan.fit.space import Criterion, combination_error, search_axes, strategy_label
 from vramplan.fit.walk import PerGpuShare
 from vramplan.footprint import Category, Footprint
 from vramplan.spec import FsdpSharding, Offload, Strategy, build_spec
 from vramplan.units import GB, GIB
 
-from made_up_estimator import made_up_gib
+from made_up_estimator import brute_force as frontier, made_up_gib
 
 NO_MARGIN = SafetyMargin(0.0, "test")
 
@@ -63,25 +61,17 @@ def made_up_many(made_up):
 
 
 def brute_force(request, estimator, margin=NO_MARGIN):
-    """Every existing candidate in preference order; the fitting ones no earlier one dominates."""
-    axes = search_axes(request)
-    listed = []
-    for choice in itertools.product(*(range(len(a.values)) for a in axes)):
-        spec = apply_values(request, axes, choice)
+    """The frontier of the existing candidates whose per-GPU device used and host RAM fit."""
+    def fits(spec):
         if combination_error(spec) is not None:
-            continue
+            return False
         estimate = estimator(spec)
         if margin.required(estimate.footprint.device_used_bytes) > request.gpu.memory_bytes:
-            continue
+            return False
         host = estimate.distributed.host.bytes_per_node
-        if request.host_ram is not None and host > request.host_ram:
-            continue
-        if any(all(x <= y for x, y in zip(found, choice)) for found in listed):
-            continue
-        listed.append(choice)
-        if len(listed) == request.top:
-            break
-    return [apply_values(request, axes, c) for c in listed]
+        return request.host_ram is None or host <= request.host_ram
+
+    return frontier(request, fits)
 
 
 CASES = [

@@ -10,19 +10,18 @@ from vramplan.footprint import Category
 
 from vramplan.fit import fit_request, search
 from vramplan.fit.margin import SafetyMargin
-from vramplan.fit.space import Criterion, apply_values, search_axes
+from vramplan.fit.space import Criterion, search_axes
 from vramplan.spec import build_spec
 from vramplan.units import GIB
+
+from made_up_estimator import brute_force as frontier
 
 NO_MARGIN = SafetyMargin(0.0, "test")
 
 
 def brute_force(request, estimator, margin=NO_MARGIN):
-    """Every candidate in preference order; the fitting ones no earlier fitting one dominates."""
-    axes = search_axes(request)
-    listed = []
-    for choice in itertools.product(*(range(len(a.values)) for a in axes)):
-        spec = apply_values(request, axes, choice)
+    """The frontier of the candidates whose device used (plus accumulated gradients) fits."""
+    def fits(spec):
         used = estimator(spec).footprint.device_used_bytes
         extra = 0
         if spec.gradient_accumulation_steps > 1:
@@ -30,14 +29,9 @@ def brute_force(request, estimator, margin=NO_MARGIN):
             from vramplan.models.inventory import load_model_inventories
 
             extra = accumulation_bytes(spec, load_model_inventories(spec.model))
-        if margin.required(used + extra) > request.gpu.memory_bytes:
-            continue
-        if any(all(x <= y for x, y in zip(found, choice)) for found in listed):
-            continue
-        listed.append(choice)
-        if len(listed) == request.top:
-            break
-    return [apply_values(request, axes, c) for c in listed]
+        return margin.required(used + extra) <= request.gpu.memory_bytes
+
+    return frontier(request, fits)
 
 
 CASES = [
