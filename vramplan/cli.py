@@ -544,32 +544,14 @@ def _check_timeline_path(path: Path | None) -> None:
 
 
 def _simulate_showing_progress(spec: TrainingSpec, show: bool):
-    """Run the simulation; with `show`, each stage it reports is a line on stderr with a spinner
-    while it runs, then a tick and how long it took. torch is imported here, never before."""
-    if not show:
+    """Run the simulation, each stage it reports a spinner line on stderr with `show`. torch is
+    imported inside, never before."""
+    def work(report):
         from vramplan.simulate.run import simulate
 
-        return simulate(spec)
-    from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+        return simulate(spec, progress=report)
 
-    columns = (SpinnerColumn(finished_text="[green]✓[/]"), TextColumn("{task.description}"),
-               TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True)) as progress:
-        stage = None
-
-        def report(message: str) -> None:
-            nonlocal stage
-            if stage is not None:
-                progress.update(stage, total=1, completed=1)
-            stage = progress.add_task(message, total=None)
-
-        report("importing torch, diffusers and peft")
-        from vramplan.simulate.run import simulate
-
-        simulation = simulate(spec, progress=report)
-        progress.update(stage, total=1, completed=1)
-    return simulation
+    return _showing_progress(show, "importing torch, diffusers and peft", work)
 
 
 @command("simulate", "trace the real training step on fake tensors: measured, still no GPU",
