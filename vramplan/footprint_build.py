@@ -26,9 +26,12 @@ def add_workspaces(records: list, phases: list, gpu: Gpu | None) -> None:
 
 @gc_paused()
 def build_footprint(records: list, phases: list, gpu: Gpu | None, source: str) -> tuple[Footprint, Analysis, list]:
+    from vramplan import native
+
     add_workspaces(records, phases, gpu)
-    analysis = analyse(records, phases)
-    allocator = replay_allocator(records)
+    columns = native.columns(records)      # read by both: made into C arrays once
+    analysis = analyse(records, phases, columns=columns)
+    allocator = replay_allocator(records, columns)
     context = cuda_context_bytes(gpu)
     composition = dict(analysis.composition)
     reserve = max(allocator.peak_reserved - analysis.peak_bytes, 0)

@@ -2,7 +2,8 @@
 
 Each tier reduces a training step to storage records (bytes, when allocated, when freed, which
 category, which phase); `analyse()` turns them into the peak, the per-phase peaks and the
-composition at the peak. Pure Python: the analytic tier uses it without torch.
+composition at the peak. No torch: the analytic tier uses it. Its loops over the records run in C
+where `vramplan.native` could be built, in Python otherwise, with the same results.
 """
 
 from __future__ import annotations
@@ -54,23 +55,21 @@ class Analysis:
     phase_peaks: list = field(default_factory=list)   # (phase, bytes, composition)
 
 
-def analyse(records: list[Record], phases: list[tuple[str, int]], constant: dict | None = None) -> Analysis:
+def analyse(records: list[Record], phases: list[tuple[str, int]], constant: dict | None = None,
+            columns=None) -> Analysis:
     """Peak of live bytes over the events. `phases` is [(name, first event)], in order.
 
-    `constant` adds bytes present throughout (e.g. weights the trace does not hold).
+    `constant` adds bytes present throughout (e.g. weights the trace does not hold). `columns`:
+    the records as `vramplan.native.Columns`, when the caller has them already.
     """
     base = sum((constant or {}).values())
-    deltas: dict[int, int] = {}
-    get = deltas.get
-    for r in records:
-        nbytes, at, free = r.nbytes, r.alloc_at, r.free_at
-        deltas[at] = get(at, 0) + nbytes
-        if free is not None:
-            deltas[free] = get(free, 0) - nbytes
-    events = sorted(deltas)
     # lives[j]: bytes live after events[j - 1] (lives[0]: before any); maxima are taken over runs
     # of it in C, the first of equal values winning as a scan with `>` would have it
-    lives = list(accumulate([deltas[e] for e in events], initial=base))
+    from vramplan import native
+
+    columns = columns or native.columns(records)
+    curve = native.live_curve(columns, base) if columns is not None else None
+    events, lives = curve if curve is not None else _live_curve(records, base)
     peak = max(lives)
     at = lives.index(peak)
     peak_event = events[at - 1] if at else 0
@@ -102,14 +101,42 @@ def analyse(records: list[Record], phases: list[tuple[str, int]], constant: dict
         if start <= peak_event:
             peak_phase = name
     wanted = [phase_best[name][1] for name, _ in bounds] + [peak_event]
-    compositions = compositions_at(records, wanted, constant)
+    compositions = compositions_at(records, wanted, constant, columns)
     phase_peaks = [(name, phase_best[name][0], compositions[phase_best[name][1]]) for name, _ in bounds]
     return Analysis(peak, peak_event, peak_phase, compositions[peak_event], phase_peaks)
 
 
-def compositions_at(records: list[Record], events: list[int], constant: dict | None = None) -> dict:
-    """`composition_at` for several events in one pass over the records."""
+def _live_curve(records: list[Record], base: int) -> tuple[list, list]:
+    """The events some record touches, ascending, and the bytes live before the first and after
+    each (native.live_curve is the same in C)."""
+    deltas: dict[int, int] = {}
+    get = deltas.get
+    for r in records:
+        nbytes, at, free = r.nbytes, r.alloc_at, r.free_at
+        deltas[at] = get(at, 0) + nbytes
+        if free is not None:
+            deltas[free] = get(free, 0) - nbytes
+    events = sorted(deltas)
+    return events, list(accumulate([deltas[e] for e in events], initial=base))
+
+
+def compositions_at(records: list[Record], events: list[int], constant: dict | None = None,
+                    columns=None) -> dict:
+    """`composition_at` for several events in one pass over the records (in C where
+    `vramplan.native` is built: `columns`, or the records made into them)."""
+    from vramplan import native
+
     targets = sorted(set(events))
+    columns = columns or native.columns(records)
+    if columns is not None:
+        sums = native.compositions(columns, targets, Category.TEMPORARIES)
+        out = {}
+        for target, found in zip(targets, sums):
+            comp = dict(constant or {})
+            for key, nbytes in found.items():
+                comp[key] = comp.get(key, 0) + nbytes
+            out[target] = comp
+        return out
     comps = [dict(constant or {}) for _ in targets]
     n = len(targets)
     bisect_left = bisect.bisect_left

@@ -120,9 +120,20 @@ class CachingAllocator:
         bisect.insort(self.pools[small], (block.size, block.addr, block))
 
 
-def replay_allocator(records: list[Record]) -> CachingAllocator:
+def replay_allocator(records: list[Record], columns=None):
     """Run the allocator over the records' allocations and frees in event order (at one event,
-    frees before allocations; within each, record order)."""
+    frees before allocations; within each, record order): the C build of these rules where one
+    is at hand (`vramplan.native`: its peak and totals; `columns`, the records as its arrays, when
+    the caller has them), else `replay_in_python`."""
+    from vramplan import native
+
+    columns = columns or native.columns(records)
+    done = native.replay_allocator(columns) if columns is not None else None
+    return done if done is not None else replay_in_python(records)
+
+
+def replay_in_python(records: list[Record]) -> CachingAllocator:
+    """The reference replay: the allocator above, block by block."""
     shift = max(len(records), 1).bit_length()
     mask = (1 << shift) - 1
     keys = []

@@ -57,7 +57,7 @@ from vramplan.errors import UsageError
 from vramplan.estimate.optimizer import optimizer_state_tensors
 from vramplan.estimate.overheads import cublas_workspace_bytes, cuda_context_bytes
 from vramplan.estimate.result import Estimate
-from vramplan.estimate.step import step_tensors
+from vramplan.estimate.step import NOT_WEIGHTS, step_tensors
 from vramplan.fit.margin import SafetyMargin, safety_margin
 from vramplan.fit.space import COUPLED, Axis, FitRequest, apply_values, combination_error, search_axes
 from vramplan.gpus import CATALOG, Gpu
@@ -289,6 +289,12 @@ def peak_live_bytes(records: list, extra: list = (), last_event: int | None = No
     event per allocation or free); without it, sparse events (the distributed rewrite's) are
     summed in a dict."""
     if last_event is not None:
+        from vramplan import native
+
+        columns = native.columns(records, extra)
+        peak = native.peak_live_bytes(columns, last_event) if columns is not None else None
+        if peak is not None:
+            return peak
         deltas = [0] * (last_event + 2)
         for group in (records, extra):
             for r in group:
@@ -330,6 +336,7 @@ class _Search:
         self.coupled = tuple(i for i, a in enumerate(axes) if a.criterion in COUPLED)
         self._valid: dict[tuple, bool] = {}
         self._floors: dict[tuple, list] = {}
+        self._static: dict[tuple, int] = {}
         # the real estimate's lower bound from the step's records (a made-up estimator has none)
         self.device_floor = device_floor if estimator is _default_estimator else None
 
@@ -406,7 +413,7 @@ class _Search:
             self.decided_free += 1
         else:
             spec = self.spec(choice)
-            if self.margin.required(static_bytes(spec, self.inventories)) > self.capacity or self._floor_fails(spec):
+            if self.margin.required(self._static_bytes(spec)) > self.capacity or self._floor_fails(spec):
                 result = False
                 self.decided_free += 1
             else:
@@ -417,6 +424,17 @@ class _Search:
         self.fit_raw[choice] = result
         (self.fitting if result else self.failed).append(choice)
         return result
+
+    def _static_bytes(self, spec: TrainingSpec) -> int:
+        """`static_bytes`, once per distinct weights, trained tensors and optimizer (the card and
+        the inventories are the search's)."""
+        key = tuple((name, tuple(value) if isinstance(value, list) else value)
+                    for name, value in spec.to_json().items()
+                    if name not in NOT_WEIGHTS or name in ("optimizer", "momentum"))
+        known = self._static.get(key)
+        if known is None:
+            known = self._static[key] = static_bytes(spec, self.inventories)
+        return known
 
     def _floor_fails(self, spec: TrainingSpec) -> bool:
         """Does the device floor (`device_floor`) alone rule the candidate out? Not decided when

@@ -1,0 +1,327 @@
+/* The caching allocator's replay (allocator.py) and the peak of live bytes, in C.
+
+   The same rules, in the same order, as `replay_allocator` and `peak_live_bytes` in Python,
+   which stay the reference: tests/test_native.py replays both over random
+   and real timelines and wants the same numbers. Compiled on first use by native.py; when no C
+   compiler is found, the Python versions run instead. Why: `fit` replays the allocator over
+   every candidate it estimates, some 110 000 events for an SDXL step, and that replay was a
+   third of an SDXL search. */
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MIB (1LL << 20)
+#define K_MIN_BLOCK 512LL
+#define K_SMALL_SIZE MIB
+#define K_SMALL_BUFFER (2 * MIB)
+#define K_LARGE_BUFFER (20 * MIB)
+#define K_MIN_LARGE_ALLOC (10 * MIB)
+#define K_ROUND_LARGE (2 * MIB)
+
+typedef struct {
+    int64_t addr, size;
+    int64_t segment;
+    int64_t prev, next;     /* block indexes, -1: none */
+    int8_t free, small;
+} Block;
+
+typedef struct {            /* a free block in a pool, ordered by (size, addr) */
+    int64_t size, addr, block;
+} Entry;
+
+typedef struct {
+    Entry *items;
+    int64_t len, cap;
+} Pool;
+
+typedef struct {
+    Block *blocks;
+    int64_t n_blocks, cap_blocks;
+    Pool pools[2];          /* [1]: small, [0]: large */
+    int64_t reserved, peak_reserved, allocated, peak_allocated, next_addr, segments;
+    int failed;
+} Allocator;
+
+static int64_t allocation_size(int64_t size) {
+    if (size <= K_SMALL_SIZE) return K_SMALL_BUFFER;
+    if (size < K_MIN_LARGE_ALLOC) return K_LARGE_BUFFER;
+    return (size + K_ROUND_LARGE - 1) / K_ROUND_LARGE * K_ROUND_LARGE;
+}
+
+static int less(int64_t size_a, int64_t addr_a, int64_t size_b, int64_t addr_b) {
+    return size_a < size_b || (size_a == size_b && addr_a < addr_b);
+}
+
+/* first entry not less than (size, addr): bisect_left */
+static int64_t lower_bound(const Pool *pool, int64_t size, int64_t addr) {
+    int64_t lo = 0, hi = pool->len;
+    while (lo < hi) {
+        int64_t mid = (lo + hi) >> 1;
+        if (less(pool->items[mid].size, pool->items[mid].addr, size, addr)) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
+static void pool_insert(Allocator *a, Pool *pool, int64_t block) {
+    if (pool->len == pool->cap) {
+        int64_t cap = pool->cap ? pool->cap * 2 : 256;
+        Entry *items = realloc(pool->items, (size_t)cap * sizeof(Entry));
+        if (!items) { a->failed = 1; return; }
+        pool->items = items;
+        pool->cap = cap;
+    }
+    Block *b = &a->blocks[block];
+    int64_t i = lower_bound(pool, b->size, b->addr);
+    memmove(&pool->items[i + 1], &pool->items[i], (size_t)(pool->len - i) * sizeof(Entry));
+    pool->items[i].size = b->size;
+    pool->items[i].addr = b->addr;
+    pool->items[i].block = block;
+    pool->len++;
+}
+
+static void pool_remove_at(Pool *pool, int64_t i) {
+    memmove(&pool->items[i], &pool->items[i + 1], (size_t)(pool->len - i - 1) * sizeof(Entry));
+    pool->len--;
+}
+
+static void pool_remove(Pool *pool, const Block *b) {
+    pool_remove_at(pool, lower_bound(pool, b->size, b->addr));
+}
+
+static int64_t new_block(Allocator *a, int64_t addr, int64_t size, int64_t segment, int8_t small,
+                         int8_t free, int64_t prev, int64_t next) {
+    if (a->n_blocks == a->cap_blocks) {
+        int64_t cap = a->cap_blocks ? a->cap_blocks * 2 : 1024;
+        Block *blocks = realloc(a->blocks, (size_t)cap * sizeof(Block));
+        if (!blocks) { a->failed = 1; return -1; }
+        a->blocks = blocks;
+        a->cap_blocks = cap;
+    }
+    Block *b = &a->blocks[a->n_blocks];
+    b->addr = addr; b->size = size; b->segment = segment; b->small = small; b->free = free;
+    b->prev = prev; b->next = next;
+    return a->n_blocks++;
+}
+
+static int64_t do_malloc(Allocator *a, int64_t nbytes) {
+    int64_t size = nbytes < K_MIN_BLOCK ? K_MIN_BLOCK : (nbytes + K_MIN_BLOCK - 1) / K_MIN_BLOCK * K_MIN_BLOCK;
+    int8_t small = size <= K_SMALL_SIZE;
+    Pool *pool = &a->pools[small];
+    int64_t i = lower_bound(pool, size, -1);
+    int64_t block;
+    if (i < pool->len) {
+        block = pool->items[i].block;
+        pool_remove_at(pool, i);
+    } else {
+        int64_t seg_size = allocation_size(size);
+        a->segments++;
+        block = new_block(a, a->next_addr, seg_size, a->segments, small, 1, -1, -1);
+        if (block < 0) return -1;
+        a->next_addr += seg_size;
+        a->reserved += seg_size;
+        if (a->reserved > a->peak_reserved) a->peak_reserved = a->reserved;
+    }
+    int64_t remaining = a->blocks[block].size - size;
+    if ((small && remaining >= K_MIN_BLOCK) || (!small && remaining > K_SMALL_SIZE)) {
+        Block *b = &a->blocks[block];
+        int64_t rest = new_block(a, b->addr + size, remaining, b->segment, small, 1, block, b->next);
+        if (rest < 0) return -1;
+        b = &a->blocks[block];                      /* new_block may have moved the array */
+        if (b->next >= 0) a->blocks[b->next].prev = rest;
+        b->next = rest;
+        b->size = size;
+        pool_insert(a, pool, rest);
+    }
+    Block *b = &a->blocks[block];
+    b->free = 0;
+    a->allocated += b->size;
+    if (a->allocated > a->peak_allocated) a->peak_allocated = a->allocated;
+    return block;
+}
+
+static void do_free(Allocator *a, int64_t block) {
+    Block *b = &a->blocks[block];
+    int8_t small = b->small;
+    Pool *pool = &a->pools[small];
+    b->free = 1;
+    a->allocated -= b->size;
+    int64_t prev = b->prev, next = b->next;
+    if (prev >= 0 && a->blocks[prev].free && a->blocks[prev].segment == b->segment) {
+        Block *p = &a->blocks[prev];
+        pool_remove(pool, p);
+        p->size += b->size;
+        p->next = next;
+        if (next >= 0) a->blocks[next].prev = prev;
+        block = prev;
+        b = p;
+    }
+    if (next >= 0 && a->blocks[next].free && a->blocks[next].segment == b->segment) {
+        Block *n = &a->blocks[next];
+        pool_remove(pool, n);
+        b->size += n->size;
+        b->next = n->next;
+        if (n->next >= 0) a->blocks[n->next].prev = block;
+    }
+    pool_insert(a, pool, block);
+}
+
+static int radix_sort(uint64_t *keys, uint64_t *tmp, int64_t n, uint64_t max_key) {
+    int64_t *count = malloc(65537 * sizeof(int64_t));
+    if (!count) return -1;
+    for (int shift = 0; shift < 64 && (max_key >> shift); shift += 16) {
+        memset(count, 0, 65537 * sizeof(int64_t));
+        for (int64_t i = 0; i < n; i++) count[((keys[i] >> shift) & 0xFFFF) + 1]++;
+        for (int k = 0; k < 65536; k++) count[k + 1] += count[k];
+        for (int64_t i = 0; i < n; i++) tmp[count[(keys[i] >> shift) & 0xFFFF]++] = keys[i];
+        memcpy(keys, tmp, (size_t)n * sizeof(uint64_t));
+    }
+    free(count);
+    return 0;
+}
+
+/* Replay the allocator over n records (free_at < 0: never freed), in event order: at one event,
+   frees before allocations, each in record order. out: peak reserved, reserved, peak allocated,
+   allocated, segments. Returns 0, or -1 when memory ran out (the caller falls back). */
+int vp_replay_allocator(int64_t n, const int64_t *nbytes, const int64_t *alloc_at,
+                        const int64_t *free_at, int64_t *out) {
+    int shift = 0;
+    while (((int64_t)1 << shift) <= (n > 0 ? n : 1)) shift++;     /* int.bit_length() */
+    uint64_t *keys = malloc((size_t)(2 * n + 1) * sizeof(uint64_t));
+    uint64_t *tmp = malloc((size_t)(2 * n + 1) * sizeof(uint64_t));
+    int64_t *live = malloc((size_t)(n + 1) * sizeof(int64_t));
+    Allocator a;
+    memset(&a, 0, sizeof(a));
+    int status = -1;
+    if (!keys || !tmp || !live) goto done;
+    int64_t m = 0;
+    uint64_t max_key = 0;
+    for (int64_t i = 0; i < n; i++) {
+        live[i] = -1;
+        if (nbytes[i] <= 0) continue;
+        keys[m] = ((((uint64_t)alloc_at[i] << 1) | 1) << shift) | (uint64_t)i;
+        if (keys[m] > max_key) max_key = keys[m];
+        m++;
+        if (free_at[i] >= 0) {
+            keys[m] = (((uint64_t)free_at[i] << 1) << shift) | (uint64_t)i;
+            if (keys[m] > max_key) max_key = keys[m];
+            m++;
+        }
+    }
+    if (radix_sort(keys, tmp, m, max_key) < 0) goto done;
+    uint64_t mask = ((uint64_t)1 << shift) - 1;
+    for (int64_t k = 0; k < m; k++) {
+        int64_t i = (int64_t)(keys[k] & mask);
+        if ((keys[k] >> shift) & 1) {
+            live[i] = do_malloc(&a, nbytes[i]);
+            if (live[i] < 0) goto done;
+        } else if (live[i] >= 0) {
+            do_free(&a, live[i]);
+            live[i] = -1;
+        }
+        if (a.failed) goto done;
+    }
+    out[0] = a.peak_reserved;
+    out[1] = a.reserved;
+    out[2] = a.peak_allocated;
+    out[3] = a.allocated;
+    out[4] = a.segments;
+    status = 0;
+done:
+    free(keys);
+    free(tmp);
+    free(live);
+    free(a.blocks);
+    free(a.pools[0].items);
+    free(a.pools[1].items);
+    return status;
+}
+
+/* Net bytes allocated at each event 0..last_event (frees at free_at < 0: never), into deltas;
+   touched[e]: some record allocates or frees at e. Returns -2 when an event lies outside. */
+static int64_t event_deltas(int64_t n, const int64_t *nbytes, const int64_t *alloc_at, const int64_t *free_at,
+                            int64_t last_event, int64_t *deltas, char *touched) {
+    for (int64_t i = 0; i < n; i++) {
+        int64_t a = alloc_at[i], f = free_at[i];
+        if (a < 0 || a > last_event || f > last_event) return -2;
+        deltas[a] += nbytes[i];
+        if (touched) touched[a] = 1;
+        if (f >= 0) {
+            deltas[f] -= nbytes[i];
+            if (touched) touched[f] = 1;
+        }
+    }
+    return 0;
+}
+
+/* The most bytes live at once (never below 0): allocations at alloc_at, frees at free_at (< 0:
+   never). Returns -1 when memory ran out, -2 when an event lies outside 0..last_event. */
+int64_t vp_peak_live(int64_t n, const int64_t *nbytes, const int64_t *alloc_at, const int64_t *free_at,
+                     int64_t last_event) {
+    int64_t *deltas = calloc((size_t)(last_event + 2), sizeof(int64_t));
+    if (!deltas) return -1;
+    if (event_deltas(n, nbytes, alloc_at, free_at, last_event, deltas, NULL) < 0) {
+        free(deltas);
+        return -2;
+    }
+    int64_t live = 0, peak = 0;
+    for (int64_t e = 0; e <= last_event + 1; e++) {
+        live += deltas[e];
+        if (live > peak) peak = live;
+    }
+    free(deltas);
+    return peak;
+}
+
+/* timeline.analyse's curve: the events some record touches, ascending, into events (m of them),
+   and the bytes live before the first and after each, from `base`, into lives (m + 1). Returns
+   m, -1 when memory ran out, -2 when an event lies outside 0..last_event. */
+int64_t vp_live_curve(int64_t n, const int64_t *nbytes, const int64_t *alloc_at, const int64_t *free_at,
+                      int64_t last_event, int64_t base, int64_t *events, int64_t *lives) {
+    int64_t *deltas = calloc((size_t)(last_event + 1), sizeof(int64_t));
+    char *touched = calloc((size_t)(last_event + 1), 1);
+    int64_t m = -1;
+    if (!deltas || !touched) goto done;
+    m = event_deltas(n, nbytes, alloc_at, free_at, last_event, deltas, touched);
+    if (m < 0) goto done;
+    int64_t live = base;
+    lives[0] = live;
+    for (int64_t e = 0; e <= last_event; e++) {
+        if (!touched[e]) continue;
+        live += deltas[e];
+        events[m] = e;
+        lives[++m] = live;
+    }
+done:
+    free(deltas);
+    free(touched);
+    return m;
+}
+
+/* timeline.compositions_at: for each of the k ascending target events, the bytes of the records
+   alive at it (alloc_at <= t < free_at, free_at < 0: never freed) summed by category code
+   (0..n_codes-1) into sums[t * n_codes + code], and the first such record's index into
+   first[t * n_codes + code] (-1: none), so that the caller keeps the categories in the order
+   records first show them. */
+void vp_compositions(int64_t n, const int64_t *nbytes, const int64_t *alloc_at, const int64_t *free_at,
+                     const int64_t *codes, int64_t k, const int64_t *targets, int64_t n_codes,
+                     int64_t *sums, int64_t *first) {
+    for (int64_t j = 0; j < k * n_codes; j++) { sums[j] = 0; first[j] = -1; }
+    if (k <= 0) return;
+    int64_t last = targets[k - 1];
+    for (int64_t i = 0; i < n; i++) {
+        int64_t a = alloc_at[i], f = free_at[i];
+        if (a > last) continue;
+        int64_t lo = 0, hi = k;            /* first target at or after the allocation */
+        while (lo < hi) {
+            int64_t mid = (lo + hi) >> 1;
+            if (targets[mid] < a) lo = mid + 1; else hi = mid;
+        }
+        for (int64_t t = lo; t < k && (f < 0 || targets[t] < f); t++) {
+            int64_t j = t * n_codes + codes[i];
+            sums[j] += nbytes[i];
+            if (first[j] < 0) first[j] = i;
+        }
+    }
+}

@@ -1,0 +1,194 @@
+"""The allocator's replay and the live-bytes peak in C (native.c), when a C compiler is
+at hand: built once into `${VRAMPLAN_CACHE:-~/.cache/vramplan}/native/`, loaded with ctypes.
+
+Why: `fit` replays the caching allocator over each candidate it estimates (some 110 000 events
+for an SDXL step) and takes the peak of live bytes of many more; in Python those were about half
+of an SDXL search. The Python versions (allocator.py, `vramplan.fit.walk.peak_live_bytes`) stay
+the reference and run wherever the library cannot be built or loaded (no compiler, a read-only
+cache, `VRAMPLAN_NATIVE=0`): the same numbers, slower. tests/test_native.py
+checks that the two agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from array import array
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("native.c")
+_STATE: dict = {}          # "lib": the loaded library or None (tried, not available)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("VRAMPLAN_CACHE") or "~/.cache/vramplan").expanduser() / "native"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def library_path() -> Path:
+    """Where this source's build lives: a new source (or Python, or machine) gets a new name."""
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    return cache_dir() / f"allocator-{digest}-{sys.implementation.cache_tag}-{platform.machine()}.so"
+
+
+def _build(target: Path) -> bool:
+    compiler = _compiler()
+    if compiler is None:
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", tmp, str(SOURCE)],
+                              capture_output=True, timeout=120)
+        if done.returncode != 0:
+            return False
+        os.replace(tmp, target)      # atomic: a concurrent build or reader sees all or nothing
+        return True
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def library():
+    """The loaded C library, or None (then callers run the Python versions)."""
+    if "lib" in _STATE:
+        return _STATE["lib"]
+    lib = None
+    if os.environ.get("VRAMPLAN_NATIVE", "1") != "0":
+        try:
+            import ctypes
+
+            path = library_path()
+            if path.exists() or _build(path):
+                lib = ctypes.CDLL(str(path))
+                p = ctypes.c_void_p
+                lib.vp_replay_allocator.argtypes = [ctypes.c_int64, p, p, p, p]
+                lib.vp_replay_allocator.restype = ctypes.c_int
+                lib.vp_peak_live.argtypes = [ctypes.c_int64, p, p, p, ctypes.c_int64]
+                lib.vp_peak_live.restype = ctypes.c_int64
+                lib.vp_live_curve.argtypes = [ctypes.c_int64, p, p, p, ctypes.c_int64, ctypes.c_int64, p, p]
+                lib.vp_live_curve.restype = ctypes.c_int64
+                lib.vp_compositions.argtypes = [ctypes.c_int64, p, p, p, p, ctypes.c_int64, p, ctypes.c_int64,
+                                                p, p]
+                lib.vp_compositions.restype = None
+        except (OSError, subprocess.SubprocessError, AttributeError):
+            lib = None
+    _STATE["lib"] = lib
+    return lib
+
+
+def reset() -> None:
+    """Forget the loaded library (tests switch it on and off)."""
+    _STATE.clear()
+
+
+class Columns:
+    """A list of records as C arrays (bytes, allocation and free events, -1: never freed), built
+    once and read by every function below."""
+
+    __slots__ = ("records", "n", "nbytes", "alloc_at", "free_at", "_codes")
+
+    def __init__(self, records, extra=()):
+        self.records = records
+        self.nbytes = array("q", [r.nbytes for r in records])
+        self.alloc_at = array("q", [r.alloc_at for r in records])
+        self.free_at = array("q", [-1 if r.free_at is None else r.free_at for r in records])
+        if extra:
+            self.records = list(records) + list(extra)
+            self.nbytes.extend(r.nbytes for r in extra)
+            self.alloc_at.extend(r.alloc_at for r in extra)
+            self.free_at.extend(-1 if r.free_at is None else r.free_at for r in extra)
+        self.n = len(self.nbytes)
+        self._codes = None
+
+    def codes(self, default) -> tuple[array, list]:
+        """Each record's category as a code, and the categories by code (None: `default`)."""
+        if self._codes is None:
+            kinds: dict = {}
+            setdefault = kinds.setdefault
+            codes = array("q", [setdefault(r.category or default, len(kinds)) for r in self.records])
+            self._codes = (codes, list(kinds))
+        return self._codes
+
+
+def columns(records, extra=()) -> Columns | None:
+    """The records as C arrays, or None when the library is not available."""
+    return Columns(records, extra) if library() is not None else None
+
+
+def _address(column: array) -> int:
+    return column.buffer_info()[0]
+
+
+class NativeReplay:
+    """What `replay_allocator` returns that callers read."""
+
+    __slots__ = ("peak_reserved", "reserved", "peak_allocated", "allocated", "segments")
+
+    def __init__(self, values):
+        self.peak_reserved, self.reserved, self.peak_allocated, self.allocated, self.segments = values
+
+
+def replay_allocator(cols: Columns) -> NativeReplay | None:
+    """allocator.replay_in_python's totals; None if the C replay ran out of memory."""
+    out = array("q", [0] * 5)
+    if library().vp_replay_allocator(cols.n, _address(cols.nbytes), _address(cols.alloc_at),
+                                     _address(cols.free_at), _address(out)):
+        return None
+    return NativeReplay(tuple(out))
+
+
+def peak_live_bytes(cols: Columns, last_event: int) -> int | None:
+    """vramplan.fit.walk.peak_live_bytes (the list form); None when an event lies past
+    `last_event` or memory ran out."""
+    peak = library().vp_peak_live(cols.n, _address(cols.nbytes), _address(cols.alloc_at),
+                                  _address(cols.free_at), last_event)
+    return None if peak < 0 else peak
+
+
+def live_curve(cols: Columns, base: int) -> tuple[list, list] | None:
+    """`timeline._live_curve`: (the events some record touches, ascending; the bytes live before
+    the first and after each, from `base`). None for events the dense form does not suit."""
+    n = cols.n
+    if not n:
+        return None
+    last_event = max(max(cols.alloc_at), max(cols.free_at))
+    if min(cols.alloc_at) < 0 or last_event > 64 * n + (1 << 20):
+        return None      # negative or very sparse events: the dict in Python suits them better
+    events = array("q", bytes(8 * (2 * n)))
+    lives = array("q", bytes(8 * (2 * n + 1)))
+    m = library().vp_live_curve(n, _address(cols.nbytes), _address(cols.alloc_at), _address(cols.free_at),
+                                last_event, base, _address(events), _address(lives))
+    if m < 0:
+        return None
+    return events[:m].tolist(), lives[:m + 1].tolist()
+
+
+def compositions(cols: Columns, targets: list, default) -> list[dict]:
+    """`timeline.compositions_at`'s sums: for each ascending target event, {category: bytes} of
+    the records alive at it, in the order records first show the categories."""
+    codes, kinds = cols.codes(default)
+    k, c = len(targets), len(kinds)
+    wanted = array("q", targets)
+    sums = array("q", bytes(8 * max(k * c, 1)))
+    first = array("q", bytes(8 * max(k * c, 1)))
+    library().vp_compositions(cols.n, _address(cols.nbytes), _address(cols.alloc_at), _address(cols.free_at),
+                              _address(codes), k, _address(wanted), c, _address(sums), _address(first))
+    out = []
+    for t in range(k):
+        row = [(first[t * c + j], kinds[j], sums[t * c + j]) for j in range(c) if first[t * c + j] >= 0]
+        row.sort(key=lambda item: item[0])
+        out.append({kind: nbytes for _, kind, nbytes in row})
+    return out
