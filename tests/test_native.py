@@ -58,9 +58,20 @@ def random_records(seed: int, n: int = 600) -> tuple[list, list, int]:
     return records, phases, event
 
 
+def sparse(records: list, phases: list) -> tuple[list, list]:
+    """The same timeline on the distributed rewrite's events: every event e becomes e * 2**16,
+    shifted so that the first ones are negative."""
+    def at(e):
+        return e * 65536 - 100_000
+    return ([Record(r.nbytes, at(r.alloc_at), None if r.free_at is None else at(r.free_at), r.category)
+             for r in records], [(name, at(e)) for name, e in phases])
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_allocator_replay_matches_the_python_reference(built, seed):
-    records, _, _ = random_records(seed)
+    records, phases, _ = random_records(seed)
+    if seed % 2:
+        records, _ = sparse(records, phases)
     reference = replay_in_python(records)
     fast = native.replay_allocator(native.columns(records))
     assert (fast.peak_reserved, fast.reserved, fast.peak_allocated, fast.allocated, fast.segments) == (
@@ -105,6 +116,19 @@ def test_an_estimate_is_the_same_without_the_library(built, options, monkeypatch
     slow = estimate_json(options)
     native.reset()
     assert fast == slow
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sparse_and_negative_events_match_the_python_reference(built, seed, monkeypatch):
+    records, phases = sparse(*random_records(seed)[:2])
+    extra = [Record(7 * MIB, phases[1][1] + 1, None, Category.WORKSPACES)]
+    targets = [phases[1][1], phases[2][1] + 3]
+    fast = (peak_live_bytes(records, extra), analyse(records, phases), compositions_at(records, targets))
+    monkeypatch.setenv("VRAMPLAN_NATIVE", "0")
+    native.reset()
+    slow = (peak_live_bytes(records, extra), analyse(records, phases), compositions_at(records, targets))
+    native.reset()
+    assert fast == slow and fast[0] > 0
 
 
 def test_without_a_compiler_the_python_versions_run(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #define MIB (1LL << 20)
+#define NEVER INT64_MIN          /* free_at of a record never freed */
 #define K_MIN_BLOCK 512LL
 #define K_SMALL_SIZE MIB
 #define K_SMALL_BUFFER (2 * MIB)
@@ -181,13 +182,25 @@ static int radix_sort(uint64_t *keys, uint64_t *tmp, int64_t n, uint64_t max_key
     return 0;
 }
 
-/* Replay the allocator over n records (free_at < 0: never freed), in event order: at one event,
+/* Replay the allocator over n records (free_at NEVER: never freed), in event order: at one event,
    frees before allocations, each in record order. out: peak reserved, reserved, peak allocated,
-   allocated, segments. Returns 0, or -1 when memory ran out (the caller falls back). */
+   allocated, segments. Returns 0; -1 when memory ran out, -2 when the events span too wide a
+   range for the sort keys (the caller falls back to Python). */
 int vp_replay_allocator(int64_t n, const int64_t *nbytes, const int64_t *alloc_at,
                         const int64_t *free_at, int64_t *out) {
     int shift = 0;
     while (((int64_t)1 << shift) <= (n > 0 ? n : 1)) shift++;     /* int.bit_length() */
+    int64_t lo = INT64_MAX, hi = INT64_MIN;
+    for (int64_t i = 0; i < n; i++) {
+        if (nbytes[i] <= 0) continue;
+        if (alloc_at[i] < lo) lo = alloc_at[i];
+        if (alloc_at[i] > hi) hi = alloc_at[i];
+        if (free_at[i] != NEVER) {
+            if (free_at[i] < lo) lo = free_at[i];
+            if (free_at[i] > hi) hi = free_at[i];
+        }
+    }
+    if (lo <= hi && (uint64_t)(hi - lo) >= ((uint64_t)1 << (61 - shift))) return -2;
     uint64_t *keys = malloc((size_t)(2 * n + 1) * sizeof(uint64_t));
     uint64_t *tmp = malloc((size_t)(2 * n + 1) * sizeof(uint64_t));
     int64_t *live = malloc((size_t)(n + 1) * sizeof(int64_t));
@@ -200,11 +213,11 @@ int vp_replay_allocator(int64_t n, const int64_t *nbytes, const int64_t *alloc_a
     for (int64_t i = 0; i < n; i++) {
         live[i] = -1;
         if (nbytes[i] <= 0) continue;
-        keys[m] = ((((uint64_t)alloc_at[i] << 1) | 1) << shift) | (uint64_t)i;
+        keys[m] = (((((uint64_t)(alloc_at[i] - lo)) << 1) | 1) << shift) | (uint64_t)i;
         if (keys[m] > max_key) max_key = keys[m];
         m++;
-        if (free_at[i] >= 0) {
-            keys[m] = (((uint64_t)free_at[i] << 1) << shift) | (uint64_t)i;
+        if (free_at[i] != NEVER) {
+            keys[m] = ((((uint64_t)(free_at[i] - lo)) << 1) << shift) | (uint64_t)i;
             if (keys[m] > max_key) max_key = keys[m];
             m++;
         }
@@ -238,69 +251,67 @@ done:
     return status;
 }
 
-/* Net bytes allocated at each event 0..last_event (frees at free_at < 0: never), into deltas;
-   touched[e]: some record allocates or frees at e. Returns -2 when an event lies outside. */
-static int64_t event_deltas(int64_t n, const int64_t *nbytes, const int64_t *alloc_at, const int64_t *free_at,
-                            int64_t last_event, int64_t *deltas, char *touched) {
+/* The live-bytes curve of timeline._live_curve: the events some record touches, ascending, into
+   events (when not NULL), the bytes live before the first (`base`) and after each into lives
+   (when not NULL), and the most of those into *peak. Events may be sparse or negative. Returns
+   how many events; -1 when memory ran out, -2 when they span too wide a range. */
+int64_t vp_live_curve(int64_t n, const int64_t *nbytes, const int64_t *alloc_at, const int64_t *free_at,
+                      int64_t base, int64_t *events, int64_t *lives, int64_t *peak) {
+    int shift = 0;
+    while (((int64_t)1 << shift) <= 2 * n + 1) shift++;
+    int64_t lo = INT64_MAX, hi = INT64_MIN;
     for (int64_t i = 0; i < n; i++) {
-        int64_t a = alloc_at[i], f = free_at[i];
-        if (a < 0 || a > last_event || f > last_event) return -2;
-        deltas[a] += nbytes[i];
-        if (touched) touched[a] = 1;
-        if (f >= 0) {
-            deltas[f] -= nbytes[i];
-            if (touched) touched[f] = 1;
+        if (alloc_at[i] < lo) lo = alloc_at[i];
+        if (alloc_at[i] > hi) hi = alloc_at[i];
+        if (free_at[i] != NEVER) {
+            if (free_at[i] < lo) lo = free_at[i];
+            if (free_at[i] > hi) hi = free_at[i];
         }
     }
-    return 0;
-}
-
-/* The most bytes live at once (never below 0): allocations at alloc_at, frees at free_at (< 0:
-   never). Returns -1 when memory ran out, -2 when an event lies outside 0..last_event. */
-int64_t vp_peak_live(int64_t n, const int64_t *nbytes, const int64_t *alloc_at, const int64_t *free_at,
-                     int64_t last_event) {
-    int64_t *deltas = calloc((size_t)(last_event + 2), sizeof(int64_t));
-    if (!deltas) return -1;
-    if (event_deltas(n, nbytes, alloc_at, free_at, last_event, deltas, NULL) < 0) {
-        free(deltas);
-        return -2;
-    }
-    int64_t live = 0, peak = 0;
-    for (int64_t e = 0; e <= last_event + 1; e++) {
-        live += deltas[e];
-        if (live > peak) peak = live;
-    }
-    free(deltas);
-    return peak;
-}
-
-/* timeline.analyse's curve: the events some record touches, ascending, into events (m of them),
-   and the bytes live before the first and after each, from `base`, into lives (m + 1). Returns
-   m, -1 when memory ran out, -2 when an event lies outside 0..last_event. */
-int64_t vp_live_curve(int64_t n, const int64_t *nbytes, const int64_t *alloc_at, const int64_t *free_at,
-                      int64_t last_event, int64_t base, int64_t *events, int64_t *lives) {
-    int64_t *deltas = calloc((size_t)(last_event + 1), sizeof(int64_t));
-    char *touched = calloc((size_t)(last_event + 1), 1);
+    *peak = base;
+    if (lo > hi) return 0;
+    if ((uint64_t)(hi - lo) >= ((uint64_t)1 << (62 - shift))) return -2;
+    uint64_t *keys = malloc((size_t)(2 * n + 1) * sizeof(uint64_t));
+    uint64_t *tmp = malloc((size_t)(2 * n + 1) * sizeof(uint64_t));
     int64_t m = -1;
-    if (!deltas || !touched) goto done;
-    m = event_deltas(n, nbytes, alloc_at, free_at, last_event, deltas, touched);
-    if (m < 0) goto done;
-    int64_t live = base;
-    lives[0] = live;
-    for (int64_t e = 0; e <= last_event; e++) {
-        if (!touched[e]) continue;
-        live += deltas[e];
-        events[m] = e;
-        lives[++m] = live;
+    if (!keys || !tmp) goto done;
+    int64_t k = 0;
+    uint64_t max_key = 0;
+    for (int64_t i = 0; i < n; i++) {       /* entry 2i: the allocation, 2i + 1: the free */
+        keys[k] = ((uint64_t)(alloc_at[i] - lo) << shift) | (uint64_t)(2 * i);
+        if (keys[k] > max_key) max_key = keys[k];
+        k++;
+        if (free_at[i] != NEVER) {
+            keys[k] = ((uint64_t)(free_at[i] - lo) << shift) | (uint64_t)(2 * i + 1);
+            if (keys[k] > max_key) max_key = keys[k];
+            k++;
+        }
     }
+    if (radix_sort(keys, tmp, k, max_key) < 0) goto done;
+    uint64_t mask = ((uint64_t)1 << shift) - 1;
+    int64_t live = base, best = base;
+    m = 0;
+    if (lives) lives[0] = base;
+    for (int64_t j = 0; j < k;) {
+        uint64_t event = keys[j] >> shift;
+        for (; j < k && (keys[j] >> shift) == event; j++) {
+            uint64_t entry = keys[j] & mask;
+            live += (entry & 1) ? -nbytes[entry >> 1] : nbytes[entry >> 1];
+        }
+        if (events) events[m] = (int64_t)event + lo;
+        m++;
+        if (lives) lives[m] = live;
+        if (live > best) best = live;
+    }
+    *peak = best;
 done:
-    free(deltas);
-    free(touched);
+    free(keys);
+    free(tmp);
     return m;
 }
 
 /* timeline.compositions_at: for each of the k ascending target events, the bytes of the records
-   alive at it (alloc_at <= t < free_at, free_at < 0: never freed) summed by category code
+   alive at it (alloc_at <= t < free_at, free_at NEVER: never freed) summed by category code
    (0..n_codes-1) into sums[t * n_codes + code], and the first such record's index into
    first[t * n_codes + code] (-1: none), so that the caller keeps the categories in the order
    records first show them. */
@@ -318,7 +329,7 @@ void vp_compositions(int64_t n, const int64_t *nbytes, const int64_t *alloc_at, 
             int64_t mid = (lo + hi) >> 1;
             if (targets[mid] < a) lo = mid + 1; else hi = mid;
         }
-        for (int64_t t = lo; t < k && (f < 0 || targets[t] < f); t++) {
+        for (int64_t t = lo; t < k && (f == NEVER || targets[t] < f); t++) {
             int64_t j = t * n_codes + codes[i];
             sums[j] += nbytes[i];
             if (first[j] < 0) first[j] = i;

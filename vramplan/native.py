@@ -76,9 +76,7 @@ def library():
                 p = ctypes.c_void_p
                 lib.vp_replay_allocator.argtypes = [ctypes.c_int64, p, p, p, p]
                 lib.vp_replay_allocator.restype = ctypes.c_int
-                lib.vp_peak_live.argtypes = [ctypes.c_int64, p, p, p, ctypes.c_int64]
-                lib.vp_peak_live.restype = ctypes.c_int64
-                lib.vp_live_curve.argtypes = [ctypes.c_int64, p, p, p, ctypes.c_int64, ctypes.c_int64, p, p]
+                lib.vp_live_curve.argtypes = [ctypes.c_int64, p, p, p, ctypes.c_int64, p, p, p]
                 lib.vp_live_curve.restype = ctypes.c_int64
                 lib.vp_compositions.argtypes = [ctypes.c_int64, p, p, p, p, ctypes.c_int64, p, ctypes.c_int64,
                                                 p, p]
@@ -94,9 +92,12 @@ def reset() -> None:
     _STATE.clear()
 
 
+NEVER = -(1 << 63)       # the free event of a record never freed (native.c's NEVER)
+
+
 class Columns:
-    """A list of records as C arrays (bytes, allocation and free events, -1: never freed), built
-    once and read by every function below."""
+    """A list of records as C arrays (bytes, allocation and free events, NEVER: never freed),
+    built once and read by every function below."""
 
     __slots__ = ("records", "n", "nbytes", "alloc_at", "free_at", "_codes")
 
@@ -104,12 +105,12 @@ class Columns:
         self.records = records
         self.nbytes = array("q", [r.nbytes for r in records])
         self.alloc_at = array("q", [r.alloc_at for r in records])
-        self.free_at = array("q", [-1 if r.free_at is None else r.free_at for r in records])
+        self.free_at = array("q", [NEVER if r.free_at is None else r.free_at for r in records])
         if extra:
             self.records = list(records) + list(extra)
             self.nbytes.extend(r.nbytes for r in extra)
             self.alloc_at.extend(r.alloc_at for r in extra)
-            self.free_at.extend(-1 if r.free_at is None else r.free_at for r in extra)
+            self.free_at.extend(NEVER if r.free_at is None else r.free_at for r in extra)
         self.n = len(self.nbytes)
         self._codes = None
 
@@ -150,27 +151,25 @@ def replay_allocator(cols: Columns) -> NativeReplay | None:
     return NativeReplay(tuple(out))
 
 
-def peak_live_bytes(cols: Columns, last_event: int) -> int | None:
-    """vramplan.fit.walk.peak_live_bytes (the list form); None when an event lies past
-    `last_event` or memory ran out."""
-    peak = library().vp_peak_live(cols.n, _address(cols.nbytes), _address(cols.alloc_at),
-                                  _address(cols.free_at), last_event)
-    return None if peak < 0 else peak
+def peak_live_bytes(cols: Columns) -> int | None:
+    """vramplan.fit.walk.peak_live_bytes: the most bytes live at once, never below 0. None when
+    the events span too wide a range or memory ran out."""
+    peak = array("q", [0])
+    m = library().vp_live_curve(cols.n, _address(cols.nbytes), _address(cols.alloc_at), _address(cols.free_at),
+                                0, None, None, _address(peak))
+    return None if m < 0 else peak[0]
 
 
 def live_curve(cols: Columns, base: int) -> tuple[list, list] | None:
     """`timeline._live_curve`: (the events some record touches, ascending; the bytes live before
-    the first and after each, from `base`). None for events the dense form does not suit."""
+    the first and after each, from `base`). None when the events span too wide a range or memory
+    ran out."""
     n = cols.n
-    if not n:
-        return None
-    last_event = max(max(cols.alloc_at), max(cols.free_at))
-    if min(cols.alloc_at) < 0 or last_event > 64 * n + (1 << 20):
-        return None      # negative or very sparse events: the dict in Python suits them better
     events = array("q", bytes(8 * (2 * n)))
     lives = array("q", bytes(8 * (2 * n + 1)))
+    peak = array("q", [0])
     m = library().vp_live_curve(n, _address(cols.nbytes), _address(cols.alloc_at), _address(cols.free_at),
-                                last_event, base, _address(events), _address(lives))
+                                base, _address(events), _address(lives), _address(peak))
     if m < 0:
         return None
     return events[:m].tolist(), lives[:m + 1].tolist()

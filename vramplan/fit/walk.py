@@ -284,17 +284,17 @@ def device_floor(spec: TrainingSpec) -> int:
 
 
 def peak_live_bytes(records: list, extra: list = (), last_event: int | None = None) -> int:
-    """The most bytes live at once over the records and `extra` (`timeline.analyse`'s peak).
-    `last_event`: no record's events go past it, so they index a list (a step's clock: one
-    event per allocation or free); without it, sparse events (the distributed rewrite's) are
-    summed in a dict."""
-    if last_event is not None:
-        from vramplan import native
+    """The most bytes live at once over the records and `extra` (`timeline.analyse`'s peak): in C
+    where `vramplan.native` is built, else in Python. There, `last_event`: no record's events go
+    past it, so they index a list (a step's clock: one event per allocation or free); without
+    it, sparse events (the distributed rewrite's) are summed in a dict."""
+    from vramplan import native
 
-        columns = native.columns(records, extra)
-        peak = native.peak_live_bytes(columns, last_event) if columns is not None else None
-        if peak is not None:
-            return peak
+    columns = native.columns(records, extra)
+    peak = native.peak_live_bytes(columns) if columns is not None else None
+    if peak is not None:
+        return peak
+    if last_event is not None:
         deltas = [0] * (last_event + 2)
         for group in (records, extra):
             for r in group:
