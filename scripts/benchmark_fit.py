@@ -1,13 +1,15 @@
 """How long `vramplan fit` takes to search, on the three cases issue 5 names and a several-GPU one.
 
-    python scripts/benchmark_fit.py [--repeat 3] [--json] [--case NAME]
+    python scripts/benchmark_fit.py [--repeat 3] [--json] [--case NAME] [--breakdown]
 
 Each case is searched in a fresh process (what a user's `vramplan fit` pays: imports, the
 catalog's traces read from disk, then the search) and again in the same process with the
 estimate cache and the step's kept replays cleared (the search alone, traces already loaded).
 Reported per case: wall time, estimate() calls, candidates decided without one, the plans found,
 and the shares of the time spent inside estimate() and inside the device floor (the step's
-records without the allocator's replay, `vramplan.fit.walk.device_floor`).
+records without the allocator's replay, `vramplan.fit.walk.device_floor`). `--breakdown` adds, per
+case, one more search timed part by part (each part's own time, nested parts taken out): where a
+search goes, the figures the README's Speed section quotes.
 """
 
 from __future__ import annotations
@@ -85,11 +87,78 @@ def warm(options: dict) -> dict:
             "notes": list(result.notes)}
 
 
+# (module, attribute, label): the parts of a search, timed apart by --breakdown
+PARTS = [
+    ("vramplan.estimate.replay", "Replayer.forward", "graph replay, forward"),
+    ("vramplan.estimate.replay", "Replayer.backward", "graph replay, backward"),
+    ("vramplan.estimate.step", "_adapted_graph", "adapters spliced into graphs"),
+    ("vramplan.estimate.step", "_build_timeline", "records of the step (the rest of it)"),
+    ("vramplan.native", "Columns.__init__", "records handed to C"),
+    ("vramplan.footprint_build", "replay_allocator", "allocator replay"),
+    ("vramplan.footprint_build", "analyse", "peak, phases, composition"),
+    ("vramplan.fit.walk", "peak_live_bytes", "live-bytes peak (lower bound)"),
+    ("vramplan.fit.walk", "static_bytes", "static lower bound"),
+]
+
+
+def breakdown(options: dict) -> dict:
+    """One search (traces loaded, kept replays empty) with each part's own seconds and calls."""
+    import importlib
+
+    import vramplan.estimate.step as step
+    import vramplan.fit.walk as walk
+    from vramplan.fit import fit_request, search
+    from vramplan.spec import build_spec
+
+    search(fit_request(build_spec(options)))
+    own, calls, stack, restore = {}, {}, [], []
+
+    def wrap(owner, name, label):
+        function = getattr(owner, name)
+
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            stack.append(0.0)
+            try:
+                return function(*args, **kwargs)
+            finally:
+                inner = stack.pop()
+                spent = time.perf_counter() - start
+                own[label] = own.get(label, 0.0) + spent - inner
+                calls[label] = calls.get(label, 0) + 1
+                if stack:
+                    stack[-1] += spent
+        setattr(owner, name, run)
+        restore.append((owner, name, function))
+
+    for module, attribute, label in PARTS:
+        owner = importlib.import_module(module)
+        *path, name = attribute.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        wrap(owner, name, label)
+    walk.clear_cache()
+    step.clear_reuse()
+    try:
+        start = time.perf_counter()
+        search(fit_request(build_spec(options)))
+        total = time.perf_counter() - start
+    finally:
+        for owner, name, function in reversed(restore):
+            setattr(owner, name, function)
+        walk.clear_cache()
+        step.clear_reuse()
+    parts = {label: {"seconds": own[label], "calls": calls[label]} for label in own}
+    parts["everything else"] = {"seconds": total - sum(own.values()), "calls": 1}
+    return {"seconds": total, "parts": parts}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=3, help="runs per case; the median is reported")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--case", action="append", choices=list(CASES), help="only this case (repeatable)")
+    parser.add_argument("--breakdown", action="store_true", help="also time one search part by part")
     args = parser.parse_args(argv)
     rows = {}
     for name, options in CASES.items():
@@ -107,6 +176,8 @@ def main(argv=None) -> int:
             "share_in_floor": statistics.median(w["in_floor"] / w["seconds"] for w in warms),
             "fits": warms[0]["fits"], "plans": warms[0]["plans"], "notes": warms[0]["notes"],
         }
+        if args.breakdown:
+            rows[name]["breakdown"] = breakdown(options)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -122,6 +193,11 @@ def main(argv=None) -> int:
             print(f"  {plan}")
         for note in row["notes"]:
             print(f"  note: {note}")
+        if "breakdown" in row:
+            parts = row["breakdown"]["parts"]
+            print(f"  one search, {row['breakdown']['seconds']:.2f} s, part by part:")
+            for label, part in sorted(parts.items(), key=lambda item: -item[1]["seconds"]):
+                print(f"    {label:38} {part['seconds']:6.3f} s  {part['calls']:5d} calls")
     return 0
 
 

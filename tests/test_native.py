@@ -168,3 +168,9 @@ def test_the_library_is_built_once_and_reused(built, tmp_path, monkeypatch):
     native.reset()
     assert native.library() is not None
     native.reset()
+
+
+def test_categories_from_outside_the_enum_keep_their_order(built):
+    records = [Record(10, 1, None, "custom"), Record(20, 2, None, None), Record(30, 3, None, Category.EMA)]
+    assert list(compositions_at(records, [5])[5].items()) == [
+        ("custom", 10), (Category.TEMPORARIES, 20), (Category.EMA, 30)]

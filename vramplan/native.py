@@ -39,7 +39,7 @@ def _compiler() -> str | None:
 def library_path() -> Path:
     """Where this source's build lives: a new source (or Python, or machine) gets a new name."""
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
-    return cache_dir() / f"allocator-{digest}-{sys.implementation.cache_tag}-{platform.machine()}.so"
+    return cache_dir() / f"native-{digest}-{sys.implementation.cache_tag}-{platform.machine()}.so"
 
 
 def _build(target: Path) -> bool:
@@ -115,12 +115,21 @@ class Columns:
         self._codes = None
 
     def codes(self, default) -> tuple[array, list]:
-        """Each record's category as a code, and the categories by code (None: `default`)."""
+        """Each record's category as a code, and the categories by code: the members of
+        `default`'s enum (a record without one counts as `default`)."""
         if self._codes is None:
-            kinds: dict = {}
-            setdefault = kinds.setdefault
-            codes = array("q", [setdefault(r.category or default, len(kinds)) for r in self.records])
-            self._codes = (codes, list(kinds))
+            kinds = list(type(default))
+            index = {kind: i for i, kind in enumerate(kinds)}
+            index[None] = index[default]
+            try:
+                codes = [index[r.category] for r in self.records]
+            except KeyError:         # a category from outside the enum: the next code
+                for r in self.records:
+                    if r.category not in index:
+                        index[r.category] = len(kinds)
+                        kinds.append(r.category)
+                codes = [index[r.category] for r in self.records]
+            self._codes = (array("q", codes), kinds)
         return self._codes
 
 

@@ -24,8 +24,9 @@ estimated, the values it hopes for are probed with every other free axis at its 
 
 Measured (scripts/benchmark_fit.py, 2 cores): one estimate when the best plan fits outright; SD 1.5
 DreamBooth on 12 GB in 5; SDXL LoRA on 8 GB, where little fits, in 11 estimates and 19 device
-floors, about 4.4 s (19 estimates and 8 s before the floor and the step's kept replays): the
-allocator's replay in each estimate and the 7 distinct denoiser replays are most of it.
+floors, about 2.5 s (19 estimates and 8 s before the floor and the step's kept replays, 4.4 s
+before the allocator's replay and the live-bytes loops ran in C, `vramplan.native`): building
+each candidate's records and the 7 distinct denoiser replays are most of it now.
 
 A plan fits when its device use plus the safety margin is within the card. With gradient
 accumulation the gradients stay alive between micro-steps, through the next forward; `estimate`
