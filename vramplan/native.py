@@ -14,10 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
-import shutil
-import subprocess
 import sys
-import tempfile
 from array import array
 from pathlib import Path
 
@@ -30,6 +27,8 @@ def cache_dir() -> Path:
 
 
 def _compiler() -> str | None:
+    import shutil
+
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if name and shutil.which(name):
             return shutil.which(name)
@@ -43,6 +42,10 @@ def library_path() -> Path:
 
 
 def _build(target: Path) -> bool:
+    """Compile the source into `target` (atomically); False when that cannot be done here."""
+    import subprocess
+    import tempfile
+
     compiler = _compiler()
     if compiler is None:
         return False
@@ -50,8 +53,11 @@ def _build(target: Path) -> bool:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", tmp, str(SOURCE)],
-                              capture_output=True, timeout=120)
+        try:
+            done = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", tmp, str(SOURCE)],
+                                  capture_output=True, timeout=120)
+        except (OSError, subprocess.SubprocessError):
+            return False
         if done.returncode != 0:
             return False
         os.replace(tmp, target)      # atomic: a concurrent build or reader sees all or nothing
@@ -81,7 +87,7 @@ def library():
                 lib.vp_compositions.argtypes = [ctypes.c_int64, p, p, p, p, ctypes.c_int64, p, ctypes.c_int64,
                                                 p, p]
                 lib.vp_compositions.restype = None
-        except (OSError, subprocess.SubprocessError, AttributeError):
+        except (OSError, AttributeError):
             lib = None
     _STATE["lib"] = lib
     return lib
