@@ -1,4 +1,5 @@
-/* The caching allocator's replay (allocator.py) and the peak of live bytes, in C.
+/* The caching allocator's replay (allocator.py), the live-bytes curve and the compositions at
+   chosen events (timeline.py), in C.
 
    The same rules, in the same order, as `replay_allocator` and `peak_live_bytes` in Python,
    which stay the reference: tests/test_native.py replays both over random
@@ -182,6 +183,23 @@ static int radix_sort(uint64_t *keys, uint64_t *tmp, int64_t n, uint64_t max_key
     return 0;
 }
 
+/* The lowest and highest event of the records (those of more than 0 bytes only, when
+   `skip_empty`) into *lo and *hi; *lo > *hi when there is none. */
+static void event_range(int64_t n, const int64_t *nbytes, const int64_t *alloc_at, const int64_t *free_at,
+                        int skip_empty, int64_t *lo, int64_t *hi) {
+    *lo = INT64_MAX;
+    *hi = INT64_MIN;
+    for (int64_t i = 0; i < n; i++) {
+        if (skip_empty && nbytes[i] <= 0) continue;
+        if (alloc_at[i] < *lo) *lo = alloc_at[i];
+        if (alloc_at[i] > *hi) *hi = alloc_at[i];
+        if (free_at[i] != NEVER) {
+            if (free_at[i] < *lo) *lo = free_at[i];
+            if (free_at[i] > *hi) *hi = free_at[i];
+        }
+    }
+}
+
 /* Replay the allocator over n records (free_at NEVER: never freed), in event order: at one event,
    frees before allocations, each in record order. out: peak reserved, reserved, peak allocated,
    allocated, segments. Returns 0; -1 when memory ran out, -2 when the events span too wide a
@@ -190,16 +208,8 @@ int vp_replay_allocator(int64_t n, const int64_t *nbytes, const int64_t *alloc_a
                         const int64_t *free_at, int64_t *out) {
     int shift = 0;
     while (((int64_t)1 << shift) <= (n > 0 ? n : 1)) shift++;     /* int.bit_length() */
-    int64_t lo = INT64_MAX, hi = INT64_MIN;
-    for (int64_t i = 0; i < n; i++) {
-        if (nbytes[i] <= 0) continue;
-        if (alloc_at[i] < lo) lo = alloc_at[i];
-        if (alloc_at[i] > hi) hi = alloc_at[i];
-        if (free_at[i] != NEVER) {
-            if (free_at[i] < lo) lo = free_at[i];
-            if (free_at[i] > hi) hi = free_at[i];
-        }
-    }
+    int64_t lo, hi;
+    event_range(n, nbytes, alloc_at, free_at, 1, &lo, &hi);
     if (lo <= hi && (uint64_t)(hi - lo) >= ((uint64_t)1 << (61 - shift))) return -2;
     uint64_t *keys = malloc((size_t)(2 * n + 1) * sizeof(uint64_t));
     uint64_t *tmp = malloc((size_t)(2 * n + 1) * sizeof(uint64_t));
@@ -259,15 +269,8 @@ int64_t vp_live_curve(int64_t n, const int64_t *nbytes, const int64_t *alloc_at,
                       int64_t base, int64_t *events, int64_t *lives, int64_t *peak) {
     int shift = 0;
     while (((int64_t)1 << shift) <= 2 * n + 1) shift++;
-    int64_t lo = INT64_MAX, hi = INT64_MIN;
-    for (int64_t i = 0; i < n; i++) {
-        if (alloc_at[i] < lo) lo = alloc_at[i];
-        if (alloc_at[i] > hi) hi = alloc_at[i];
-        if (free_at[i] != NEVER) {
-            if (free_at[i] < lo) lo = free_at[i];
-            if (free_at[i] > hi) hi = free_at[i];
-        }
-    }
+    int64_t lo, hi;
+    event_range(n, nbytes, alloc_at, free_at, 0, &lo, &hi);
     *peak = base;
     if (lo > hi) return 0;
     if ((uint64_t)(hi - lo) >= ((uint64_t)1 << (62 - shift))) return -2;

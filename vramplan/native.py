@@ -1,5 +1,6 @@
-"""The allocator's replay and the live-bytes peak in C (native.c), when a C compiler is
-at hand: built once into `${VRAMPLAN_CACHE:-~/.cache/vramplan}/native/`, loaded with ctypes.
+"""The allocator's replay, the live-bytes curve and the compositions at chosen events in C
+(native.c), when a C compiler is at hand: built once into
+`${VRAMPLAN_CACHE:-~/.cache/vramplan}/native/`, loaded with ctypes.
 
 Why: `fit` replays the caching allocator over each candidate it estimates (some 110 000 events
 for an SDXL step) and takes the peak of live bytes of many more; in Python those were about half

@@ -358,7 +358,9 @@ NOT_WEIGHTS = frozenset({"optimizer", "momentum", "gradient_checkpointing", "gra
 _TENSORS = _Lru(16)
 
 
-def _tensors_key(spec: TrainingSpec, inventories: dict, method, *parts) -> tuple | None:
+def tensors_key(spec: TrainingSpec, inventories: dict, method, *parts) -> tuple | None:
+    """What the trainable tensors and the weights depend on (the spec less NOT_WEIGHTS, the model,
+    the inventories), and `parts`; None when nothing may be reused (see `_replay_key`)."""
     key = _replay_key(spec, inventories, method, every_field=True)
     if key is None:
         return None
@@ -381,7 +383,7 @@ def step_tensors(spec: TrainingSpec, inventories: dict) -> tuple[dict, list]:
     """(the method's trainable tensors by component, the weights on the card): read-only, shared
     by the specs that differ only in how the step runs."""
     method = get_method(spec.method)
-    return _kept(_TENSORS, _tensors_key(spec, inventories, method, "tensors"), tuple(inventories.values()),
+    return _kept(_TENSORS, tensors_key(spec, inventories, method, "tensors"), tuple(inventories.values()),
                  lambda: (method.trainable_tensors(spec, inventories), weight_tensors(spec, inventories)))
 
 
@@ -395,7 +397,7 @@ def _device_states(spec: TrainingSpec, inventories: dict, trained: dict, state_s
             out.extend(s for s in states if not s.on_host)
         return out
 
-    key = _tensors_key(spec, inventories, get_method(spec.method), "states", spec.optimizer, spec.momentum)
+    key = tensors_key(spec, inventories, get_method(spec.method), "states", spec.optimizer, spec.momentum)
     return _kept(_TENSORS, key, tuple(inventories.values()), make)
 
 

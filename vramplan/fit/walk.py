@@ -58,7 +58,7 @@ from vramplan.errors import UsageError
 from vramplan.estimate.optimizer import optimizer_state_tensors
 from vramplan.estimate.overheads import cublas_workspace_bytes, cuda_context_bytes
 from vramplan.estimate.result import Estimate
-from vramplan.estimate.step import NOT_WEIGHTS, step_tensors
+from vramplan.estimate.step import step_tensors, tensors_key
 from vramplan.fit.margin import SafetyMargin, safety_margin
 from vramplan.fit.space import COUPLED, Axis, FitRequest, apply_values, combination_error, search_axes
 from vramplan.gpus import CATALOG, Gpu
@@ -429,9 +429,9 @@ class _Search:
     def _static_bytes(self, spec: TrainingSpec) -> int:
         """`static_bytes`, once per distinct weights, trained tensors and optimizer (the card and
         the inventories are the search's)."""
-        key = tuple((name, tuple(value) if isinstance(value, list) else value)
-                    for name, value in spec.to_json().items()
-                    if name not in NOT_WEIGHTS or name in ("optimizer", "momentum"))
+        key = tensors_key(spec, self.inventories, get_method(spec.method), "static", spec.optimizer, spec.momentum)
+        if key is None:
+            return static_bytes(spec, self.inventories)
         known = self._static.get(key)
         if known is None:
             known = self._static[key] = static_bytes(spec, self.inventories)
