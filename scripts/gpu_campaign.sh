@@ -5,11 +5,16 @@
 # rich, matplotlib and nvidia-ml-py, but not diffusers):
 #   1. installs diffusers and peft from wheels carried in .wheels/ (no network there);
 #   2. records nvidia-smi -q and the versions;
-#   3. runs `vramplan profile --matrix examples/matrix-quick.toml` with a time budget that ends
-#      the campaign cleanly before TOTAL_SECONDS (default 480) have passed since the script
-#      started -- each case in a fresh forked process, an out-of-memory stored as "does not fit";
-#   4. tars the profiles into $OUT/profiles.tar.gz (the device tool brings back at most 8 files,
-#      so the 35 profiles travel as one archive), beside campaign.log and nvidia-smi.txt.
+#   3. runs `vramplan profile --matrix examples/matrix-quick.toml --check-first` with a time budget
+#      that ends the campaign cleanly TRACE_SECONDS before TOTAL_SECONDS (default 540) have passed
+#      since the script started -- each case in a fresh forked process, an out-of-memory stored as
+#      "does not fit"; if the first case fails the campaign stops there (its whole traceback in
+#      the log), so a broken environment costs seconds and leaves the device time for a second try;
+#   4. records every allocation of SD 1.5 LoRA and SDXL LoRA steps (scripts/gpu_trace.py) in the
+#      TRACE_SECONDS (default 110) kept for them, for finding the layer behind a wrong prediction;
+#   5. tars the profiles into $OUT/profiles.tar.gz (the device tool brings back at most 8 files,
+#      so the 35 profiles travel as one archive), beside campaign.log, nvidia-smi.txt and the
+#      traces.
 #
 # Prepare once, here (the wheels folder is git-ignored through .git/info/exclude, and travels
 # only because the call names it in `carry`):
@@ -27,14 +32,15 @@
 #     mkdir -p profiles && tar -xzf FILES_AT/profiles.tar.gz -C profiles
 #     vramplan validate --chart accuracy.png --csv accuracy.csv
 #
-# Variables: TOTAL_SECONDS (default 480), MATRIX (default examples/matrix-quick.toml),
+# Variables: TOTAL_SECONDS (default 540), TRACE_SECONDS (default 110; 0: no traces), MATRIX (default examples/matrix-quick.toml),
 # OUT (set by the device tool; default out/gpu-campaign when run by hand).
 
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
 STARTED=$(date +%s)
-TOTAL_SECONDS=${TOTAL_SECONDS:-480}
+TOTAL_SECONDS=${TOTAL_SECONDS:-540}
+TRACE_SECONDS=${TRACE_SECONDS:-110}
 MATRIX=${MATRIX:-examples/matrix-quick.toml}
 OUT=${OUT:-out/gpu-campaign}
 PROFILES=${PROFILES:-/tmp/vramplan-profiles}
@@ -68,7 +74,7 @@ print("python", platform.python_version(), "| torch", torch.__version__, "cuda",
       "| vramplan", vramplan.__version__, vramplan.__file__)
 EOF
 
-    local budget=$(( TOTAL_SECONDS - $(elapsed) - TAR_MARGIN ))
+    local budget=$(( TOTAL_SECONDS - $(elapsed) - TRACE_SECONDS - TAR_MARGIN ))
     if (( budget < 60 )); then
         say "only $budget s left for the campaign: not starting it"
         return 1
@@ -77,10 +83,29 @@ EOF
     # The budget stops the campaign between cases; `timeout` is the backstop for a stuck case
     # (SIGINT: the case in flight is lost, every profile already written stays).
     timeout --signal=INT --kill-after=15 $(( budget + 30 )) \
-        python3 -m vramplan profile --matrix "$MATRIX" --out "$PROFILES" --budget "$budget"
+        python3 -m vramplan profile --matrix "$MATRIX" --out "$PROFILES" --budget "$budget" --check-first
     local code=$?
     say "campaign exit code $code"
     return $code
+}
+
+traces() {
+    # each trace in its own process, stopped if it would run past the end of the script
+    local name left
+    for case in "sd15-lora --model sd15 --method lora --precision fp16" \
+                "sdxl-lora --model sdxl --method lora --precision bf16 --gradient-checkpointing"; do
+        name=${case%% *}
+        left=$(( TOTAL_SECONDS - $(elapsed) - TAR_MARGIN ))
+        if (( left < 30 )); then
+            say "trace $name: only $left s left, not started"
+            continue
+        fi
+        say "trace $name (at most $left s)"
+        # shellcheck disable=SC2086
+        timeout --signal=INT --kill-after=10 "$left" \
+            python3 scripts/gpu_trace.py --out "$OUT/trace-$name.json.gz" ${case#* } \
+            || say "trace $name: exit code $?"
+    done
 }
 
 archive() {
@@ -93,5 +118,8 @@ archive() {
 mkdir -p "$OUT" "$PROFILES"
 campaign 2>&1 | tee "$OUT/campaign.log"
 code=${PIPESTATUS[0]}
+if (( TRACE_SECONDS > 0 )) && [ -n "$(find "$PROFILES" -name '*.json' -print -quit)" ]; then
+    traces 2>&1 | tee -a "$OUT/campaign.log"
+fi
 archive 2>&1 | tee -a "$OUT/campaign.log"
 exit "$code"

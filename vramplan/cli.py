@@ -747,6 +747,11 @@ def _profile_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--budget", metavar="SECONDS",
                        help="--matrix: start no case that would end after this many seconds "
                             "(default: the file's budget_seconds, else none)")
+    group.add_argument("--check-first", action="store_true",
+                       help="--matrix: the first case run checks the environment: if it fails "
+                            "(an out-of-memory is a measurement, not a failure) the campaign "
+                            "stops there instead of failing every case; later failures do not "
+                            "stop it")
     group.add_argument("--json", action="store_true",
                        help="print the profile (with --matrix: the list of outcomes) as JSON to "
                             "stdout and nothing else")
@@ -806,8 +811,9 @@ def profile_command(args: argparse.Namespace) -> int:
             raise UsageError("--matrix takes every spec from its file: give no spec flags or "
                              "--plan with it")
         return _profile_matrix(args, device, steps)
-    if args.budget is not None:
-        raise UsageError("--budget applies to --matrix campaigns")
+    if args.budget is not None or args.check_first:
+        raise UsageError(f"{'--budget' if args.budget is not None else '--check-first'} applies to "
+                         f"--matrix campaigns")
     plan = read_plan(args.plan) if args.plan is not None else None
     spec = resolve_spec(given_options(args), plan, args.plan)
 
@@ -886,7 +892,7 @@ def _profile_matrix(args: argparse.Namespace, device: str, steps: int | None) ->
         console.print(line)
 
     result = run_campaign(matrix, device, args.out, steps=steps, force=args.force,
-                          budget_seconds=budget, report=report)
+                          budget_seconds=budget, report=report, check_first=args.check_first)
     counts = ", ".join(f"{result.count(s)} {s.value}" for s in Status if result.count(s))
     console.print(Text(f"{counts} in {result.seconds:.0f} s; profiles under {args.out}", "bold"))
     if args.json:

@@ -200,3 +200,45 @@ def test_cuda_poisoned_before_the_fork_falls_back_to_new_interpreters(tmp_path, 
     assert campaign._start_method == "spawn"
     # the new interpreter ran the real measurement, which on this CPU-only machine finds no CUDA
     assert outcome.status is Status.FAILED and "forked subprocess" not in outcome.message
+
+
+def test_check_first_stops_when_the_first_case_fails_and_only_then(tmp_path, four_cases, on_an_h100,
+                                                                   monkeypatch):
+    failing = {1}
+
+    def run_case(case, device, steps, timeout):
+        if case.spec.batch_size in failing:
+            return campaign.Outcome(case, Status.FAILED, message="ImportError: no diffusers")
+        return campaign._measured(case, fake_profile(case.spec, fits=case.spec.batch_size != 2))
+
+    monkeypatch.setattr(campaign, "_run_case", run_case)
+    result = run_campaign(four_cases, "cuda", tmp_path / "a", steps=3, check_first=True)
+    assert [o.status for o in result.outcomes] == [Status.FAILED] + [Status.NOT_RUN] * 3
+    assert result.outcomes[1].message == "the first case failed"
+    # without the check a broken first case does not stop the campaign
+    result = run_campaign(four_cases, "cuda", tmp_path / "b", steps=3)
+    assert [o.status for o in result.outcomes][1:] == [Status.OUT_OF_MEMORY, Status.MEASURED, Status.MEASURED]
+    # a later failure does not stop it either; an out-of-memory first is no failure
+    failing = {3}
+    result = run_campaign(four_cases, "cuda", tmp_path / "c", steps=3, check_first=True)
+    assert [o.status for o in result.outcomes] == [Status.MEASURED, Status.OUT_OF_MEMORY, Status.FAILED,
+                                                   Status.MEASURED]
+    # the first case *run* is the check: one stored already is skipped and does not count
+    failing = {2}
+    save_profile(fake_profile(four_cases.cases[0].spec), tmp_path / "d")
+    result = run_campaign(four_cases, "cuda", tmp_path / "d", steps=3, check_first=True)
+    assert [o.status for o in result.outcomes] == [Status.STORED, Status.FAILED, Status.NOT_RUN,
+                                                   Status.NOT_RUN]
+
+
+def test_a_failing_case_prints_its_whole_traceback(tmp_path, four_cases, on_an_h100, monkeypatch, capfd):
+    def broken(spec, steps):
+        def deep():
+            raise ValueError("the real cause")
+        deep()
+
+    monkeypatch.setattr(measure, "measure_cuda", broken)
+    outcome = campaign._run_isolated(four_cases.cases[0], 3, timeout=60)
+    assert outcome.status is Status.FAILED and outcome.message.startswith("ValueError: the real cause")
+    err = capfd.readouterr().err
+    assert "Traceback" in err and "in deep" in err and "in broken" in err

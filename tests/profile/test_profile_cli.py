@@ -138,6 +138,7 @@ def test_a_cuda_campaign_without_cuda_is_one_line(tmp_path, capsys):
     (["profile", "--device", "cpu", "--steps", "1"], "--steps: 1 is too small"),
     (["profile", "--matrix", "m.toml", "--method", "lora"], "--matrix takes every spec from its file"),
     (["profile", "--device", "cpu", "--budget", "60"], "--budget applies to --matrix"),
+    (["profile", "--device", "cpu", "--check-first"], "--check-first applies to --matrix"),
     (["profile", "--device", "cpu", "--matrix", "missing.toml"], "does not exist"),
     (["validate", "--profiles", "no/such/folder"], "is not a folder"),
     (["validate", "--chart", "accuracy.gif"], "must end in .png or .svg"),

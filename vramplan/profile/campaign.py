@@ -67,7 +67,7 @@ class Status(str, Enum):
     OUT_OF_MEMORY = "out of memory"
     STORED = "stored already"
     FAILED = "failed"
-    NOT_RUN = "not run (budget)"
+    NOT_RUN = "not run"          # the budget, or --check-first after the first case failed
 
 
 @dataclass
@@ -177,9 +177,13 @@ Report = Callable[[int, int, "Outcome | Case"], None]
 
 
 def run_campaign(matrix: Matrix, device: str, root: Path, *, steps: int, force: bool = False,
-                 budget_seconds: float | None = None, report: Report | None = None) -> CampaignResult:
+                 budget_seconds: float | None = None, report: Report | None = None,
+                 check_first: bool = False) -> CampaignResult:
     """Profile every case of `matrix` into `root`. `report(i, n, case)` is called as a case starts
-    and `report(i, n, outcome)` when it ends. Cases stored already are skipped unless `force`."""
+    and `report(i, n, outcome)` when it ends. Cases stored already are skipped unless `force`.
+    `check_first`: the first case run is a check of the environment -- if it fails (an
+    out-of-memory is a measurement, not a failure) the campaign stops there, so a broken install
+    costs one case of a lent GPU's time, not every case's; later failures do not stop it."""
     from vramplan.profile.measure import check_steps, store_folder
 
     check_steps(steps)
@@ -195,7 +199,7 @@ def run_campaign(matrix: Matrix, device: str, root: Path, *, steps: int, force: 
         elapsed = time.monotonic() - started
         if budget_seconds is not None and elapsed + longest > budget_seconds:
             for rest in matrix.cases[number - 1:]:
-                result.outcomes.append(Outcome(rest, Status.NOT_RUN))
+                result.outcomes.append(Outcome(rest, Status.NOT_RUN, message="budget"))
             break
         path = Path(root) / gpu_key / f"{case.key}.json" if gpu_key else None
         if path is not None and path.exists() and not force:
@@ -219,6 +223,11 @@ def run_campaign(matrix: Matrix, device: str, root: Path, *, steps: int, force: 
                                   message=str(error), seconds=outcome.seconds)
         result.outcomes.append(outcome)
         report(number, total, outcome)
+        first = sum(o.status is not Status.STORED for o in result.outcomes) == 1
+        if check_first and first and outcome.status is Status.FAILED:
+            result.outcomes.extend(Outcome(rest, Status.NOT_RUN, message="the first case failed")
+                                   for rest in matrix.cases[number:])
+            break
     result.seconds = time.monotonic() - started
     return result
 
@@ -308,6 +317,7 @@ def _case_child(spec_json: dict, steps: int, sender) -> None:
     except UsageError as error:
         sender.send(("error", str(error)))
     except BaseException as error:  # noqa: BLE001 - reported to the parent, which goes on
+        traceback.print_exc()   # the whole traceback to the campaign's log; the parent gets one line
         last = traceback.extract_tb(error.__traceback__)[-1:] if error.__traceback__ else []
         where = f" at {last[0].filename}:{last[0].lineno}" if last else ""
         sender.send(("error", f"{type(error).__name__}: {error}{where}"[:2000]))
