@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU measurement campaign: examples/matrix-quick.toml on one lent H100, in about 8 minutes.
+# The GPU measurement campaign: examples/matrix-quick.toml on one lent H100 or H200, in about 9 minutes
+# (first run, 2026-11-26, H200: 34 profiles in 368 s, the whole call 400 s; profiles/h200).
 #
 # What it does, on the device machine (its image has torch, transformers, accelerate, pandas,
 # rich, matplotlib and nvidia-ml-py, but not diffusers):
@@ -51,16 +52,6 @@ elapsed() { echo $(( $(date +%s) - STARTED )); }
 say() { echo "[$(elapsed) s] $*"; }
 
 campaign() {
-    if ls .wheels/*.whl >/dev/null 2>&1; then
-        say "installing the carried wheels: $(ls .wheels | tr '\n' ' ')"
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --target "$SITE" .wheels/*.whl || { say "wheel install failed"; return 1; }
-        export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-    else
-        say "no .wheels/ here: using what the image has"
-        export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-    fi
-    export PYTHONUNBUFFERED=1
 
     nvidia-smi -q > "$OUT/nvidia-smi.txt" 2>&1 || say "nvidia-smi -q failed"
     nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,compute_cap --format=csv
@@ -116,7 +107,19 @@ archive() {
 }
 
 mkdir -p "$OUT" "$PROFILES"
-campaign 2>&1 | tee "$OUT/campaign.log"
+# The environment is set here, not inside campaign(): a function piped into tee runs in a subshell,
+# and the traces after it need the same PYTHONPATH (the first campaign lost its traces to that).
+if ls .wheels/*.whl >/dev/null 2>&1; then
+    say "installing the carried wheels: $(ls .wheels | tr '\n' ' ')" | tee "$OUT/campaign.log"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$SITE" .wheels/*.whl || { say "wheel install failed"; exit 1; }
+    export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+    say "no .wheels/ here: using what the image has" | tee "$OUT/campaign.log"
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONUNBUFFERED=1
+campaign 2>&1 | tee -a "$OUT/campaign.log"
 code=${PIPESTATUS[0]}
 if (( TRACE_SECONDS > 0 )) && [ -n "$(find "$PROFILES" -name '*.json' -print -quit)" ]; then
     traces 2>&1 | tee -a "$OUT/campaign.log"

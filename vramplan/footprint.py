@@ -3,7 +3,8 @@
 Category names follow PyTorch's MemTracker (`torch/distributed/_tools/mem_tracker.py`,
 `_MemRefType`: Parameter, Buffer, Gradient, Activation, Temp, Optstate) split further where
 training diffusion models needs it (frozen vs trainable weights, fp32 master copies, the autocast
-weight-cast cache, EMA) plus what lies outside PyTorch's allocator (CUDA context, allocator reserve).
+weight-cast cache, EMA) plus what the caching allocator adds (whole blocks counted as allocated
+beyond their tensors, reserve) and what lies outside it (CUDA context).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class Category(str, Enum):
     INPUTS = "inputs"
     ACTIVATIONS = "activations"
     TEMPORARIES = "temporaries"
+    BLOCK_SLACK = "block_slack"
     CUDA_CONTEXT = "cuda_context"
     ALLOCATOR_RESERVE = "allocator_reserve"
 
@@ -51,10 +53,11 @@ LABELS = {
     Category.OPTIMIZER_STATES: "Optstate",
     Category.EMA: "EMA copy",
     Category.AUTOCAST_CACHE: "Autocast weight casts",
-    Category.WORKSPACES: "cuBLAS workspaces",
+    Category.WORKSPACES: "cuBLAS/cuDNN workspaces",
     Category.INPUTS: "Batch inputs",
     Category.ACTIVATIONS: "Activation (saved)",
     Category.TEMPORARIES: "Temp",
+    Category.BLOCK_SLACK: "Unsplit block slack",
     Category.CUDA_CONTEXT: "CUDA context",
     Category.ALLOCATOR_RESERVE: "Allocator reserve",
 }
@@ -74,6 +77,7 @@ COLORS = {
     Category.INPUTS: "#937860",
     Category.ACTIVATIONS: "#55a868",
     Category.TEMPORARIES: "#a6d96a",
+    Category.BLOCK_SLACK: "#dadaeb",
     Category.CUDA_CONTEXT: "#4d4d4d",
     Category.ALLOCATOR_RESERVE: "#bdbdbd",
 }

@@ -9,38 +9,80 @@ context.
 from __future__ import annotations
 
 from vramplan.estimate.allocator import replay_allocator
-from vramplan.estimate.overheads import (CUDA_CONTEXT_SOURCE, CUBLAS_THREADS, cublas_workspace_bytes,
-                                         cuda_context_bytes)
+from vramplan.estimate.overheads import (CUBLAS_THREADS, CUBLASLT_WORKSPACE_BYTES, CUDA_CONTEXT_SOURCE,
+                                         cublas_workspace_bytes, cuda_context_bytes)
 from vramplan.footprint import Category, Footprint, PhasePeak
 from vramplan.gpus import Gpu
 from vramplan.timeline import Analysis, Record, analyse, gc_paused
 
 
-def add_workspaces(records: list, phases: list, gpu: Gpu | None) -> None:
-    """cuBLAS workspaces: the first matmul of the forward (main thread) and of the backward
-    (autograd's thread) each create one, kept for the life of the process."""
-    starts = [e for name, e in phases if name in ("forward", "backward")][:CUBLAS_THREADS]
-    for start in starts:
-        records.append(Record(cublas_workspace_bytes(gpu), start, None, Category.WORKSPACES, "workspace"))
+MATMULS = frozenset({"mm", "addmm", "bmm", "baddbmm"})
+
+
+def workspace_records(records: list, phases: list, gpu: Gpu | None, checkpointing: bool = False) -> list:
+    """cuBLAS and cuBLASLt workspaces, created by a thread's first matrix product and kept for
+    the life of the process (profiles/h200 traces, scripts/gpu_trace.py: 32 MiB at the first
+    product on the main thread -- the VAE's or text encoder's in the encode phase, the denoiser's
+    when both are cached -- and 32 MiB at the start of backward on autograd's thread; 1 MiB more
+    for cuBLASLt at the first addmm (a Linear with bias), on autograd's thread only where
+    checkpointing reruns forwards there). `records`: the step's, searched for those products
+    (aten names with or without the overload, so the tracker's too)."""
+    backward = next((e for name, e in phases if name == "backward"), None)
+    after = next((e for name, e in phases if backward is not None and e > backward), None)
+    forward = next((e for name, e in phases if name == "forward"), None)
+    main = lt_main = lt_backward = None
+    for r in records:
+        op = r.op.split(".", 1)[0] if r.op else ""
+        if op not in MATMULS:
+            continue
+        at = r.alloc_at
+        if backward is None or at < backward:
+            if main is None:
+                main = at
+            if lt_main is None and op == "addmm":
+                lt_main = at
+        elif checkpointing and op == "addmm" and lt_backward is None and (after is None or at < after):
+            lt_backward = at
+        if main is not None and lt_main is not None and (lt_backward is not None or not checkpointing):
+            break
+    if main is None:
+        main = forward
+    cublas = cublas_workspace_bytes(gpu)
+    out = [Record(cublas, at, None, Category.WORKSPACES, "workspace", op="cuBLAS workspace")
+           for at in (main, backward) if at is not None][:CUBLAS_THREADS]
+    out += [Record(CUBLASLT_WORKSPACE_BYTES, at, None, Category.WORKSPACES, "workspace", op="cuBLASLt workspace")
+            for at in (lt_main, lt_backward) if at is not None]
+    return out
+
+
+def add_workspaces(records: list, phases: list, gpu: Gpu | None, checkpointing: bool = False) -> None:
+    records.extend(workspace_records(records, phases, gpu, checkpointing))
 
 
 @gc_paused()
-def build_footprint(records: list, phases: list, gpu: Gpu | None, source: str) -> tuple[Footprint, Analysis, list]:
+def build_footprint(records: list, phases: list, gpu: Gpu | None, source: str,
+                    checkpointing: bool = False) -> tuple[Footprint, Analysis, list]:
     from vramplan import native
 
-    add_workspaces(records, phases, gpu)
+    add_workspaces(records, phases, gpu, checkpointing)
     columns = native.columns(records)      # read by both: made into C arrays once
     analysis = analyse(records, phases, columns=columns)
     allocator = replay_allocator(records, columns)
     context = cuda_context_bytes(gpu)
     composition = dict(analysis.composition)
-    reserve = max(allocator.peak_reserved - analysis.peak_bytes, 0)
+    # torch counts whole blocks as allocated: a large block is not split when 1 MiB or less would
+    # remain, so max_memory_allocated is above the tensors' peak (by 37 MiB for SD 1.5's weights
+    # alone, matched to the MiB by this replay in the profiles/h200 traces).
+    slack = max(allocator.peak_allocated - analysis.peak_bytes, 0)
+    peak_allocated = analysis.peak_bytes + slack
+    reserve = max(allocator.peak_reserved - peak_allocated, 0)
+    composition[Category.BLOCK_SLACK] = slack
     composition[Category.ALLOCATOR_RESERVE] = reserve
     composition[Category.CUDA_CONTEXT] = context
-    peak_reserved = analysis.peak_bytes + reserve
+    peak_reserved = peak_allocated + reserve
     phases_out = tuple(PhasePeak(name, peak, comp) for name, peak, comp in analysis.phase_peaks)
-    footprint = Footprint(categories=composition, peak_allocated_bytes=analysis.peak_bytes,
+    footprint = Footprint(categories=composition, peak_allocated_bytes=peak_allocated,
                           peak_reserved_bytes=peak_reserved, device_used_bytes=peak_reserved + context,
                           peak_phase=analysis.peak_phase, phases=phases_out, source=source)
-    notes = [f"CUDA context {context / 2**20:.0f} MiB is provisional: {CUDA_CONTEXT_SOURCE}"]
+    notes = [f"CUDA context and kernels {context / 2**20:.0f} MiB: {CUDA_CONTEXT_SOURCE}"]
     return footprint, analysis, notes

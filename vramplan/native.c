@@ -20,6 +20,7 @@
 #define K_LARGE_BUFFER (20 * MIB)
 #define K_MIN_LARGE_ALLOC (10 * MIB)
 #define K_ROUND_LARGE (2 * MIB)
+#define LARGE_TOP (1LL << 60)   /* large segments at falling addresses: see estimate/allocator.py */
 
 typedef struct {
     int64_t addr, size;
@@ -41,7 +42,7 @@ typedef struct {
     Block *blocks;
     int64_t n_blocks, cap_blocks;
     Pool pools[2];          /* [1]: small, [0]: large */
-    int64_t reserved, peak_reserved, allocated, peak_allocated, next_addr, segments;
+    int64_t reserved, peak_reserved, allocated, peak_allocated, next_addr, large_top, segments;
     int failed;
 } Allocator;
 
@@ -119,9 +120,11 @@ static int64_t do_malloc(Allocator *a, int64_t nbytes) {
     } else {
         int64_t seg_size = allocation_size(size);
         a->segments++;
-        block = new_block(a, a->next_addr, seg_size, a->segments, small, 1, -1, -1);
+        int64_t addr = small ? a->next_addr : a->large_top - seg_size;
+        block = new_block(a, addr, seg_size, a->segments, small, 1, -1, -1);
         if (block < 0) return -1;
-        a->next_addr += seg_size;
+        if (small) a->next_addr += seg_size;
+        else a->large_top -= seg_size;
         a->reserved += seg_size;
         if (a->reserved > a->peak_reserved) a->peak_reserved = a->reserved;
     }
@@ -216,6 +219,7 @@ int vp_replay_allocator(int64_t n, const int64_t *nbytes, const int64_t *alloc_a
     int64_t *live = malloc((size_t)(n + 1) * sizeof(int64_t));
     Allocator a;
     memset(&a, 0, sizeof(a));
+    a.large_top = LARGE_TOP;
     int status = -1;
     if (!keys || !tmp || !live) goto done;
     int64_t m = 0;

@@ -159,3 +159,20 @@ def test_peak_reserved_never_falls():
     for b in blocks:
         a.free(b)
     assert a.reserved == a.peak_reserved == 36 * MIB and a.allocated == 0
+
+
+def test_equal_free_blocks_tie_on_the_drivers_addresses():
+    """Best fit among equal sizes takes the lowest address. The driver placed each new large
+    segment below the last and each 2 MiB one above it (H200 traces, estimate/allocator.py), so
+    the newest large segment wins a tie and the oldest small one does."""
+    a = CachingAllocator()
+    first, second = a.malloc(30 * MIB), a.malloc(30 * MIB)
+    assert second.addr < first.addr
+    a.free(first)
+    a.free(second)
+    assert a.malloc(30 * MIB) is second
+    small = [a.malloc(MIB) for _ in range(4)]       # two per 2 MiB segment: two segments
+    assert small[2].addr > small[0].addr
+    a.free(small[0])
+    a.free(small[2])
+    assert a.malloc(MIB).addr == small[0].addr

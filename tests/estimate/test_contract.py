@@ -16,7 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CONTRACT = {"spec", "parameters", "categories", "peak_allocated_bytes", "peak_reserved_bytes",
             "device_used_bytes", "gpu", "fits", "headroom_bytes"}
 EXTRAS = {"peak_phase", "phases", "notes"}
-REQUIRED_CATEGORIES = {"frozen_weights", "trainable_weights", "cuda_context", "allocator_reserve"}
+REQUIRED_CATEGORIES = {"frozen_weights", "trainable_weights", "block_slack", "cuda_context",
+                       "allocator_reserve"}
 ALL_CATEGORIES = {c.value for c in Category}
 METHODS = ["full", "dreambooth", "lora", "loha", "lokr", "textual-inversion", "hypernetwork"]
 
@@ -50,7 +51,8 @@ def test_values_and_identities(h, method):
     assert categories.get("optimizer_states", 0) > 0    # the second step runs with states resident
 
     allocated = data["peak_allocated_bytes"]
-    # the categories are the composition at the peak: outside context and reserve they sum to it
+    # the categories are the composition at the peak plus the allocator's whole-block slack:
+    # outside context and reserve they sum to it
     inside = sum(v for k, v in categories.items() if k not in ("cuda_context", "allocator_reserve"))
     assert inside == allocated
     assert data["peak_reserved_bytes"] >= allocated
@@ -61,7 +63,9 @@ def test_values_and_identities(h, method):
     assert data["fits"] is (data["headroom_bytes"] >= 0)
 
     assert data["peak_phase"] in [p["phase"] for p in data["phases"]]
-    assert max(p["peak_bytes"] for p in data["phases"]) == allocated
+    # the phases' peaks are the tensors' (no block slack)
+    assert max(p["peak_bytes"] for p in data["phases"]) == allocated - categories["block_slack"]
+    assert categories["block_slack"] > 0      # SD 1.5's weights alone leave some
     assert all(isinstance(n, str) for n in data["notes"])
 
 
@@ -85,8 +89,10 @@ def test_the_gpu_changes_the_verdict_not_the_tensors(h):
     assert [card.footprint.category_bytes(c) for c in inside] == [plain.footprint.category_bytes(c) for c in inside]
     assert card.footprint.peak_allocated_bytes == plain.footprint.peak_allocated_bytes
     hopper = h.estimate(gpu="h100").footprint
-    # cuBLAS takes a 32 MiB workspace per handle on compute capability 9.0 (two handles)
-    assert hopper.category_bytes(Category.WORKSPACES) == 2 * 32 * 2**20
+    # cuBLAS takes a 32 MiB workspace per handle on compute capability 9.0 (two handles), and
+    # cuBLASLt 1 MiB on the thread that runs Linear-with-bias forwards (the main one: no
+    # checkpointing reruns them on autograd's); SD 1.5 LoRA's peak has no convolution in flight
+    assert hopper.category_bytes(Category.WORKSPACES) == 2 * 32 * 2**20 + 2**20
 
 
 def test_estimate_is_deterministic():

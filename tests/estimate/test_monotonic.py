@@ -1,20 +1,22 @@
 """Monotonicity: properties the estimate must keep whatever its per-layer model, on SD 1.5.
 
-Asked of peak allocated bytes (what `torch.cuda.max_memory_allocated` measures) and, for the
-activation properties, of the activations at every phase's peak. Peak *reserved* is left out on
-purpose: the caching allocator's segments can fragment less at a larger size, so reserved bytes are
-not monotone in every knob on a real GPU either.
+Asked of the tensors' peak (what `torch.cuda.max_memory_allocated` measures, less the whole-block
+slack the caching allocator adds) and, for the activation properties, of the activations at every
+phase's peak. The allocator's own figures -- block slack and peak *reserved* -- are left out on
+purpose: its segments can split and fragment less at a larger size, so they are not monotone in
+every knob on a real GPU either.
 """
 
 import pytest
 
+from vramplan.estimate.overheads import CUBLASLT_WORKSPACE_BYTES
 from vramplan.footprint import Category
 
 ADAPTERS = ["lora", "loha", "textual-inversion", "hypernetwork"]
 
 
 def peak(est) -> int:
-    return est.footprint.peak_allocated_bytes
+    return est.footprint.peak_allocated_bytes - est.footprint.category_bytes(Category.BLOCK_SLACK)
 
 
 def activations(h, est) -> int:
@@ -37,7 +39,9 @@ def test_gradient_checkpointing_never_more(h, method, batch):
     assert activations(h, checkpointed) <= activations(h, plain)
     assert checkpointed.footprint.category_bytes(Category.ACTIVATIONS) <= \
         plain.footprint.category_bytes(Category.ACTIVATIONS)
-    assert peak(checkpointed) <= peak(plain)
+    # checkpointing reruns Linear-with-bias forwards on autograd's thread, whose cuBLASLt handle
+    # then takes its own 1 MiB workspace (profiles/h200 traces): the one thing it adds
+    assert peak(checkpointed) <= peak(plain) + CUBLASLT_WORKSPACE_BYTES
 
 
 @pytest.mark.parametrize("method", ["lora", "loha"])

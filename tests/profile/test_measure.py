@@ -62,7 +62,7 @@ class FakeNvml:
         return "580.159.04"
 
     def match_uuid(self, uuid):
-        pass
+        return False
 
 
 class FakeStep:
@@ -216,3 +216,31 @@ def test_this_process_did_not_start_with_the_malloc_setting(monkeypatch):
     # setting it now changes nothing for glibc, and the check knows it
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert not started_with_malloc_setting()
+
+
+class _Pynvml:
+    """NVML as pynvml is: every lookup returns a new handle object, even for the same device."""
+
+    def __init__(self, uuids):
+        self.uuids = uuids
+
+    def nvmlDeviceGetCount(self):
+        return len(self.uuids)
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return SimpleNamespace(index=i)
+
+    def nvmlDeviceGetUUID(self, handle):
+        return self.uuids[handle.index].encode()
+
+
+def test_match_uuid_tells_another_device_from_a_new_handle_of_the_same():
+    from vramplan.profile.nvml import Nvml
+
+    lib = _Pynvml(["GPU-aaaa", "GPU-bbbb"])
+    nvml = Nvml(lib, lib.nvmlDeviceGetHandleByIndex(0))
+    # the first campaign lost every context figure to this: same device, new handle object
+    assert nvml.match_uuid("GPU-aaaa") is False and nvml.handle.index == 0
+    assert nvml.match_uuid("gpu-BBBB") is True and nvml.handle.index == 1
+    assert nvml.match_uuid("GPU-cccc") is False and nvml.handle.index == 1   # not found: unchanged
+    assert nvml.match_uuid("") is False

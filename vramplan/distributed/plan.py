@@ -22,6 +22,7 @@ from vramplan.distributed.rewrite import Rewriter
 from vramplan.distributed.units import wrap_units
 from vramplan.distributed.zero import ZeroConfig, zero_rewrite
 from vramplan.errors import UsageError
+from vramplan.estimate.allocator import replay_allocator
 from vramplan.estimate.core import component_parameters
 from vramplan.estimate.result import Estimate
 from vramplan.estimate.step import build_timeline
@@ -220,14 +221,16 @@ def estimate_distributed(spec: TrainingSpec, rank: int = 0) -> Estimate:
     inventories = load_model_inventories(spec.model)
     method = get_method(spec.method)
     rw, states, host, rules = per_gpu_records(spec, inventories, rank)
-    footprint, analysis, notes = build_footprint(rw.records, rw.phases, spec.gpu, "estimate")
+    footprint, analysis, notes = build_footprint(rw.records, rw.phases, spec.gpu, "estimate", spec.gradient_checkpointing)
     single = build_timeline(single_gpu_spec(spec), inventories)
-    add_workspaces(single.clock.records, single.clock.phases, spec.gpu)
-    single_peak = analyse(single.clock.records, single.clock.phases).peak_bytes
+    add_workspaces(single.clock.records, single.clock.phases, spec.gpu, spec.gradient_checkpointing)
+    # counted as the one-GPU estimate counts it: whole blocks, as max_memory_allocated does
+    single_peak = max(replay_allocator(single.clock.records).peak_allocated,
+                      analyse(single.clock.records, single.clock.phases).peak_bytes)
     saved = None
     if spec.offload is not Offload.NONE:
         plain, *_ = per_gpu_records(spec.replace(offload=Offload.NONE), inventories, rank)
-        add_workspaces(plain.records, plain.phases, spec.gpu)
+        add_workspaces(plain.records, plain.phases, spec.gpu, spec.gradient_checkpointing)
         saved = analyse(plain.records, plain.phases).peak_bytes - analysis.peak_bytes
     trained = sum(t.numel for ts in method.trainable_tensors(spec, inventories).values() for t in ts)
     published = _published(spec, inventories, trained)

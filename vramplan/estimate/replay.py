@@ -18,6 +18,7 @@ from typing import Callable
 
 from vramplan.estimate.autograd_rules import ANY, Rule, function_saves, rule_for
 from vramplan.estimate.concrete import Concrete
+from vramplan.estimate.conv_workspaces import backward_kind, conv_key, workspace_bytes
 from vramplan.footprint import Category
 from vramplan.timeline import Record, gc_paused
 
@@ -65,6 +66,7 @@ class ReplayOptions:
     inputs_require_grad: frozenset = frozenset()  # graph input roles whose tensors require grad
     gradient_checkpointing: bool = False
     phase_prefix: str = ""
+    low_dtype: str = "float16"    # what the graph's float16 runs as (graphs are recorded in float16)
 
 
 @dataclass
@@ -142,11 +144,40 @@ class Replayer:
                 self.rg[tid] = options.trainable(name) and t_float[tid]
         for role, tid in graph.inputs.items():
             self.rg[tid] = role in options.inputs_require_grad
+        self.conv_ops = self._convolutions()
         self.live: dict[int, Record] = {}
         self.python_alive: dict[int, bool] = {}
         self.holds: dict[int, int] = {}
         self.saved_by_op: dict[int, list[int]] = {}
         self.input_records: dict[int, Record] = {}
+
+    def _convolutions(self) -> dict:
+        """op index -> (shape key, dtype) of each convolution: its cuDNN workspace is a transient
+        allocation of the call (vramplan/estimate/conv_workspaces.py)."""
+        g = self.g
+        try:
+            conv = g.opnames.index("convolution.default")
+        except ValueError:
+            return {}
+        out = {}
+        for i, op in enumerate(g.ops):
+            if op[0] == conv and op[3]:
+                args = dict(op[2])
+                if "input" in args and "weight" in args:
+                    x = args["input"]
+                    dtype = g.t_dtype[x]
+                    if dtype == "float16":
+                        dtype = self.opt.low_dtype
+                    out[i] = (conv_key(g.t_shape[x], g.t_shape[args["weight"]], g.t_shape[op[3][0]]), dtype)
+        return out
+
+    def _workspace(self, i: int, kind: str | None, phase: str, name: str, module: str) -> None:
+        if kind is None:
+            return
+        key, dtype = self.conv_ops[i]
+        nbytes = workspace_bytes(key, dtype, kind)
+        if nbytes:
+            self.clock.free(self.clock.alloc(nbytes, Category.WORKSPACES, phase, name, module))
 
     # -- storage bookkeeping -------------------------------------------------------------------
     def _hold(self, sid: int) -> None:
@@ -202,6 +233,7 @@ class Replayer:
         region_of, region_end, free_after, input_records = (self.region_of, self.region_end, self.free_after,
                                                             self.input_records)
         python_free = self._python_free
+        conv_ops = self.conv_ops
         recompute = fresh is not None
         TEMPORARIES, ACTIVATIONS, AUTOCAST_CACHE = Category.TEMPORARIES, Category.ACTIVATIONS, Category.AUTOCAST_CACHE
         for i in range(first, last + 1):
@@ -240,6 +272,8 @@ class Replayer:
                     python_alive[sid] = True
                     if recompute:
                         fresh[sid] = rec
+            if i in conv_ops:
+                self._workspace(i, "forward", phase, name, modules[op[1]])
             if function is not None and i == function[2] and inputs_rg and not in_region:
                 # what the Function keeps for backward (autograd_rules.FUNCTION_SAVES)
                 keeps = function_saves(function[5] if len(function) > 5 else "")
@@ -356,6 +390,7 @@ class Replayer:
                                                         self.python_alive, self.live)
         rg, t_float, t_dtype, t_bytes, t_param = self.rg, self.t_float, self.t_dtype, self.t_bytes, self.t_param
         accumulate = self._accumulate
+        conv_ops = self.conv_ops
         for i in range(len(ops) - 1, -1, -1):
             op = ops[i]
             if region_end:
@@ -380,6 +415,7 @@ class Replayer:
                     out_grad = grads[out_tid]
                     temps, grad_kind = rule.temps, rule.grad
                     seen = set()
+                    made = set()
                     for arg, tid in op[2]:
                         if tid in seen or not rg[tid] or not t_float[tid]:
                             continue
@@ -390,6 +426,7 @@ class Replayer:
                                 free(new_grad(t_bytes[ref], name, module))
                         if grad_kind == "none":
                             continue
+                        made.add(arg)
                         alias = grad_kind == "alias" and t_dtype[tid] == t_dtype[out_tid] and (
                             name in ("cat.default", "stack.default") or t_bytes[tid] == t_bytes[out_tid])
                         grad = out_grad if alias else new_grad(t_bytes[tid], name, module)
@@ -398,6 +435,9 @@ class Replayer:
                             accumulate(param, grad, refs, alias, name, module)
                         else:
                             give(tid, grad)
+                    if i in conv_ops:
+                        self._workspace(i, backward_kind("input" in made, bool(made & {"weight", "bias"})),
+                                        phase, name, module)
                     for t in outs:
                         drop(grads.pop(t))
             saved = saved_pop(i, None)

@@ -214,7 +214,8 @@ def _one_step(spec, inventories, trained, resident, clock: Clock, prefix: str, o
         graph = _adapted_graph(spec, inventories, method, name, variant, env)
         rep = Replayer(graph,
                        ReplayOptions(trainable=method.parameter_filter(spec, name, inventories),
-                                     gradient_checkpointing=False, phase_prefix=prefix), clock)
+                                     gradient_checkpointing=False, phase_prefix=prefix,
+                                     low_dtype=spec.precision.low_dtype), clock)
         rep.forward({"input_ids": ids[name]})
         te_replays.append(rep)
     variant = graph_variant(spec, spec.method.trains_denoiser)
@@ -228,7 +229,8 @@ def _one_step(spec, inventories, trained, resident, clock: Clock, prefix: str, o
         rep = Replayer(graph, ReplayOptions(trainable=method.parameter_filter(spec, denoiser, inventories),
                                             inputs_require_grad=frozenset(_denoiser_rg_inputs(spec, trained_tes)),
                                             gradient_checkpointing=spec.gradient_checkpointing,
-                                            phase_prefix=prefix), clock)
+                                            phase_prefix=prefix, low_dtype=spec.precision.low_dtype),
+                       clock)
         rep.forward()
         clock.phase(prefix + "backward")
         replayed = rep.backward()
@@ -267,14 +269,16 @@ def _inference(spec: TrainingSpec, component: str, variant: str, env: dict, cloc
     """A frozen component's forward without grad, on inputs the caller allocated (and keeps)."""
     def replay() -> Replayed:
         rep = Replayer(concretize(graph_for(spec, component, variant), env),
-                       ReplayOptions(trainable=lambda name: False, phase_prefix=""), clock)
+                       ReplayOptions(trainable=lambda name: False, phase_prefix="",
+                                     low_dtype=spec.precision.low_dtype), clock)
         rep.forward(inputs)
         rep.finish(keep=list(inputs.values()))
         return rep.result
 
-    # decided by the graph (model, component, variant, attention) and its sizes alone
+    # decided by the graph (model, component, variant, attention), its sizes and the 16-bit dtype
+    # it runs in (bf16's convolutions borrow other cuDNN workspaces than fp16's)
     key = None if not REUSE else (_model_key(spec), component, variant, attention_name(spec),
-                                  tuple(sorted(env.items())), tuple(inputs))
+                                  tuple(sorted(env.items())), tuple(inputs), spec.precision.low_dtype)
     out.unknown_ops |= _replayed(clock, key, None, replay).unknown_ops
 
 

@@ -1,12 +1,14 @@
 """The safety margin fit keeps below the card: the estimator's measured error band.
 
-When CUDA profiles are stored (`profiles/` beside the package, or in the working folder, where
-`vramplan profile` writes them), the band is what `vramplan validate` measures for device used:
-the largest relative error of the analytic estimate against those runs. validate re-estimates
-every profile, so the band is cached under `${VRAMPLAN_CACHE:-~/.cache/vramplan}/fit-margin/`,
-keyed by the profile files (names, sizes, modification times): fit pays it once per change.
-Without CUDA profiles the margin is DEFAULT_MARGIN, 3%: the tolerance the estimate is held to
-against the fake-tensor simulation of the same step (issue 3), the only band measured so far.
+When CUDA profiles of the card being fitted are stored (`profiles/<card>/` beside the package,
+or in the working folder, where `vramplan profile` writes them), the band is what `vramplan
+validate` measures for device used: the largest relative error of the analytic estimate against
+those runs. Only that card's: the CUDA context and cuDNN's choices differ between cards, so an
+H200's 0.8% says little of an RTX 4060. validate re-estimates every profile, so the band is cached
+under `${VRAMPLAN_CACHE:-~/.cache/vramplan}/fit-margin/`, keyed by the profile files (names,
+sizes, modification times): fit pays it once per change. For a card without CUDA profiles the
+margin is DEFAULT_MARGIN, 3%: the tolerance the estimate is held to against the fake-tensor
+simulation of the same step (issue 3).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_MARGIN = 0.03
-DEFAULT_SOURCE = ("default 3%: the estimate-vs-simulate tolerance; no CUDA profiles measured yet "
+DEFAULT_SOURCE = ("default 3%: the estimate-vs-simulate tolerance; no CUDA profiles of this card "
                   "(vramplan profile, vramplan validate)")
 PACKAGE_PROFILES = Path(__file__).resolve().parents[2] / "profiles"
 
@@ -45,8 +47,8 @@ def _profile_roots() -> list[Path]:
     return roots
 
 
-def _cuda_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.glob("*/*.json") if p.parent.name != "cpu")
+def _cuda_files(root: Path, card: str) -> list[Path]:
+    return sorted((root / card).glob("*.json")) if card != "cpu" else []
 
 
 def _cache_file(files: list[Path]) -> Path:
@@ -58,9 +60,10 @@ def _cache_file(files: list[Path]) -> Path:
     return base / "fit-margin" / f"{digest.hexdigest()[:16]}.json"
 
 
-def measured_band(root: Path) -> float | None:
-    """The largest |error| of the estimate's device used over the CUDA profiles under root."""
-    files = _cuda_files(root)
+def measured_band(root: Path, card: str) -> float | None:
+    """The largest |error| of the estimate's device used over the CUDA profiles of `card` in the
+    store `root`."""
+    files = _cuda_files(root, card)
     if not files:
         return None
     cache = _cache_file(files)
@@ -73,7 +76,7 @@ def measured_band(root: Path) -> float | None:
         from vramplan.profile.validate import Metric, validate
     except ImportError:
         return None
-    result = validate(root, simulate=False)
+    result = validate(root, simulate=False, card=card)
     rows = [r for r in result.summary if r.device == "cuda" and r.source == "estimate"
             and r.metric is Metric.DEVICE_USED]
     band = rows[0].max_abs_error if rows else None
@@ -85,16 +88,22 @@ def measured_band(root: Path) -> float | None:
     return band
 
 
-def safety_margin(override: float | None = None, roots: list[Path] | None = None) -> SafetyMargin:
+def safety_margin(override: float | None = None, roots: list[Path] | None = None,
+                  card: str | None = None) -> SafetyMargin:
+    """`card`: the catalog key of the card fitted (None, or a size like "8GB": no profiles)."""
     if override is not None:
         return SafetyMargin(override, "--margin")
+    if not card or card == "cpu":
+        return SafetyMargin(DEFAULT_MARGIN, DEFAULT_SOURCE)
     for root in (_profile_roots() if roots is None else roots):
+        if not (root / card).is_dir():
+            continue
         try:
-            band = measured_band(root)
+            band = measured_band(root, card)
         except Exception:  # a broken store must not stop fit; validate names such files itself
             band = None
         if band is not None and 0 <= band < 1:
-            count = len(_cuda_files(root))
+            count = len(_cuda_files(root, card))
             return SafetyMargin(band, f"the estimate's largest device-used error over {count} CUDA "
-                                      f"profile(s) in {root} (vramplan validate)")
+                                      f"profile(s) in {root / card} (vramplan validate)")
     return SafetyMargin(DEFAULT_MARGIN, DEFAULT_SOURCE)

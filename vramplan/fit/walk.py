@@ -225,7 +225,7 @@ def per_gpu_estimate(spec: TrainingSpec) -> Estimate:
     from vramplan.footprint_build import build_footprint
 
     rw, states, host, rules = _per_gpu_records(spec)
-    footprint, _, notes = build_footprint(rw.records, rw.phases, spec.gpu, "estimate")
+    footprint, _, notes = build_footprint(rw.records, rw.phases, spec.gpu, "estimate", spec.gradient_checkpointing)
     return Estimate(spec=spec, parameters={}, footprint=footprint, notes=tuple(notes),
                     distributed=PerGpuShare(host, states, tuple(rules)))
 
@@ -269,7 +269,7 @@ def device_floor(spec: TrainingSpec) -> int:
     which is never negative, so this never exceeds the estimate. The records are handed on to the
     estimate of the same spec, if it follows."""
     from vramplan.estimate.step import build_timeline
-    from vramplan.footprint_build import add_workspaces
+    from vramplan.footprint_build import workspace_records
 
     if spec.is_distributed:
         rw = _per_gpu_records(spec, keep=True)[0]
@@ -277,8 +277,7 @@ def device_floor(spec: TrainingSpec) -> int:
     else:
         timeline = build_timeline(spec, load_model_inventories(spec.model), hand_on=True)
         records, phases, last_event = timeline.clock.records, timeline.clock.phases, timeline.clock.now
-    workspaces = []
-    add_workspaces(workspaces, phases, spec.gpu)
+    workspaces = workspace_records(records, phases, spec.gpu, spec.gradient_checkpointing)
     if last_event is not None:
         last_event = max([last_event] + [e for _, e in phases])
     return peak_live_bytes(records, workspaces, last_event) + cuda_context_bytes(spec.gpu)
@@ -650,7 +649,7 @@ def _search(request: FitRequest, estimator: Estimator | None, margin: SafetyMarg
     start = time.perf_counter()
     whole = estimator is None        # the real estimate: the winner gets its whole distributed one
     estimator = estimator or _default_estimator
-    margin = margin or safety_margin(request.margin)
+    margin = margin or safety_margin(request.margin, card=request.gpu.key if request.gpu else None)
     axes = search_axes(request, optimizer_state_sizes(request))
     if any(not axis.values for axis in axes):
         raise UsageError("fit has nothing to search: an axis has no value (check --min-resolution)")

@@ -143,11 +143,8 @@ def measure_cuda(spec: TrainingSpec, steps: int = DEFAULT_STEPS, progress: Progr
     before = nvml.used() if nvml is not None else None
     torch.cuda.init()
     props = torch.cuda.get_device_properties(0)
-    if nvml is not None:
-        handle = nvml.handle
-        nvml.match_uuid(str(getattr(props, "uuid", "") or ""))
-        if nvml.handle is not handle:
-            before = None   # NVML's device 0 was another card: the first reading is not this one's
+    if nvml is not None and nvml.match_uuid(str(getattr(props, "uuid", "") or "")):
+        before = None   # NVML's device 0 was another card: the first reading is not this one's
     probe = torch.empty(1, device="cuda")
     torch.cuda.synchronize()
     context = None

@@ -42,18 +42,22 @@ class Nvml:
             return None
         return cls(pynvml, handle)
 
-    def match_uuid(self, uuid: str | None) -> None:
-        """Point at the device whose UUID torch reports (CUDA_VISIBLE_DEVICES may reorder)."""
+    def match_uuid(self, uuid: str | None) -> bool:
+        """Point at the device whose UUID torch reports (CUDA_VISIBLE_DEVICES may reorder).
+        True when that is another device than the one open (compared by UUID: NVML hands out a
+        new handle object for every lookup, even of the same device)."""
         if not uuid:
-            return
+            return False
         nvml = self._nvml
         wanted = str(uuid).lower().removeprefix("gpu-")
         for i in range(nvml.nvmlDeviceGetCount()):
             handle = nvml.nvmlDeviceGetHandleByIndex(i)
             found = _text(nvml.nvmlDeviceGetUUID(handle)).lower().removeprefix("gpu-")
             if found == wanted:
+                current = _text(nvml.nvmlDeviceGetUUID(self.handle)).lower().removeprefix("gpu-")
                 self.handle = handle
-                return
+                return current != wanted
+        return False
 
     def memory(self) -> NvmlMemory:
         nvml = self._nvml

@@ -134,9 +134,12 @@ def relative_error(predicted: int | None, measured: int | None) -> float | None:
 
 
 def validate(root: Path | str, *, simulate: bool = True,
-             progress: Callable[[str], None] | None = None) -> Validation:
+             progress: Callable[[str], None] | None = None, card: str | None = None) -> Validation:
+    """`card`: only the profiles of that card's folder (`<root>/<card>/`)."""
     say = progress or (lambda message: None)
     stored, problems = load_profiles(root)
+    if card is not None:
+        stored = [item for item in stored if item.path.parent.name == card]
     sources = SOURCES if simulate else SOURCES[:1]
     cases = []
     for number, item in enumerate(stored, 1):

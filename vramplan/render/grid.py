@@ -51,6 +51,7 @@ SYMBOLS = {
     Category.INPUTS: "I",
     Category.ACTIVATIONS: "A",
     Category.TEMPORARIES: "t",
+    Category.BLOCK_SLACK: "s",
     Category.CUDA_CONTEXT: "X",
     Category.ALLOCATOR_RESERVE: "R",
 }

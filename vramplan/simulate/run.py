@@ -65,9 +65,10 @@ def simulate(spec: TrainingSpec, progress=None) -> Simulation:
         say("building the model on the meta device")
         step = build_step(spec, "fake", fake_mode=fake_mode)
         with fake_mode:
-            tracker = trace_step(step, STEPS, say)
+            tracker = trace_step(step, STEPS, say, conv_workspaces=True)
     records, phases = _records(tracker)
-    footprint, analysis, notes = build_footprint(records, phases, spec.gpu, "simulate")
+    footprint, analysis, notes = build_footprint(records, phases, spec.gpu, "simulate",
+                                               spec.gradient_checkpointing)
     top: dict = {}
     for r in records:
         if r.category is Category.ACTIVATIONS and not r.phase.startswith("step 2"):
@@ -79,16 +80,17 @@ def simulate(spec: TrainingSpec, progress=None) -> Simulation:
                       notes=tuple(notes))
 
 
-def trace_step(step, steps: int = STEPS, say=None) -> "MemoryTracker":
+def trace_step(step, steps: int = STEPS, say=None, conv_workspaces: bool = False) -> "MemoryTracker":
     """Run `steps` training steps of a built step under a MemoryTracker and label what it saw.
 
     Works on fake tensors (simulate; call inside the step's FakeTensorMode) and on real CPU
-    tensors (profile --device cpu; and the test that the two traces agree)."""
+    tensors (profile --device cpu; and the test that the two traces agree). `conv_workspaces`:
+    count the cuDNN workspaces a CUDA run's convolutions borrow (simulate's fake CUDA step)."""
     from vramplan.simulate.tracker import MemoryTracker
     from vramplan.step.quantize import quant_tensors
 
     say = say or (lambda message: None)
-    tracker = MemoryTracker()
+    tracker = MemoryTracker(conv_workspaces=conv_workspaces)
     tracker.set_phase("load")
     for module in step.models.values():
         for p in module.parameters():

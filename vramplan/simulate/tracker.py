@@ -67,8 +67,13 @@ def global_module_hooks(pre, post):
 
 
 class MemoryTracker(TorchDispatchMode):
-    def __init__(self):
+    """`conv_workspaces`: add the cuDNN workspace each CUDA convolution would borrow for its call
+    (vramplan/estimate/conv_workspaces.py), as the estimate's replay does -- for fake tensors
+    standing in for CUDA ones, not for a real CPU run, whose convolutions borrow nothing."""
+
+    def __init__(self, conv_workspaces: bool = False):
         super().__init__()
+        self.conv_workspaces = conv_workspaces
         self.records: dict[int, StorageRecord] = {}
         self._by_storage: dict[int, int] = {}   # id(storage object) -> sid, while alive
         self.live = 0
@@ -160,7 +165,38 @@ class MemoryTracker(TorchDispatchMode):
         for value in tree_flatten(out)[0]:
             if isinstance(value, torch.Tensor):
                 self.track(value, category, op=name)
+        if self.conv_workspaces and name in ("convolution", "convolution_backward"):
+            self._conv_workspace(name, args, out)
         return out
+
+    def _conv_workspace(self, name: str, args, out) -> None:
+        from vramplan.estimate.conv_workspaces import backward_kind, conv_key, workspace_bytes
+
+        if name == "convolution":   # (input, weight, bias, stride, padding, dilation, transposed, ...)
+            x, w, y, transposed, kind = args[0], args[1], out, args[6], "forward"
+        else:   # (grad_output, input, weight, bias_sizes, stride, padding, dilation, transposed, ..., mask)
+            y, x, w, transposed, mask = args[0], args[1], args[2], args[7], args[10]
+            kind = backward_kind(bool(mask[0]), bool(mask[1] or mask[2]))
+        if transposed or kind is None:
+            return
+        key = conv_key(tuple(x.shape), tuple(w.shape), tuple(y.shape))
+        nbytes = workspace_bytes(key, str(x.dtype).removeprefix("torch."), kind)
+        if nbytes:
+            self.transient(nbytes, Category.WORKSPACES, name)
+
+    def transient(self, nbytes: int, category: Category, op: str = "") -> None:
+        """An allocation made and freed within one call (a library's workspace)."""
+        sid = self._next_sid
+        self._next_sid += 1
+        nbytes = cuda_rounded(nbytes)
+        self.event += 1
+        self.records[sid] = StorageRecord(sid=sid, nbytes=nbytes, alloc_at=self.event, op=op,
+                                          module=self.module_stack[-1] if self.module_stack else "",
+                                          phase=self.phase, category=category)
+        self._add(nbytes)
+        self.event += 1
+        self.records[sid].free_at = self.event
+        self._add(-nbytes)
 
     # -- module attribution ----------------------------------------------------------------
     def module_hooks(self, roots: dict):
