@@ -39,14 +39,14 @@ BACKWARD = {"input": (True, False, False), "weight": (False, True, True), "both"
 
 def conv_shapes(model: str, component: str, variant: str, batch: int, pixels: int) -> list[tuple]:
     """(N, Cin, H, W, Cout, kh, kw, stride, padding, groups) of each convolution of one recorded
-    graph at a size; stride and padding are read back from the recorded input/output shapes."""
+    graph at a size, keyed as the estimator looks them up (`conv_workspaces.conv_key`: stride
+    and padding read back from the recorded input/output shapes)."""
     from vramplan.estimate.concrete import concretize
+    from vramplan.estimate.conv_workspaces import conv_key
     from vramplan.estimate.graph import load_graph
 
     graph = load_graph(model, f"{component}.{variant}.sdpa")
-    side = pixels if component == "vae" else pixels // 8
-    if model in ("sd35-medium", "flux-dev") and component != "vae":
-        side = pixels // 8
+    side = pixels if component == "vae" else pixels // 8     # the denoisers' H, W are latent
     concrete = concretize(graph, {"B": batch, "H": side, "W": side})
     out = []
     for op in concrete.ops:
@@ -54,23 +54,10 @@ def conv_shapes(model: str, component: str, variant: str, batch: int, pixels: in
             continue
         args = dict(op[2])
         x, w, y = concrete.t_shape[args["input"]], concrete.t_shape[args["weight"]], concrete.t_shape[op[3][0]]
-        if len(x) != 4:
-            continue
-        out.append(conv_key(x, w, y, groups=1))
+        key = conv_key(x, w, y)
+        if key is not None:
+            out.append(key)
     return out   # in graph order: the first is the model's input convolution
-
-
-def conv_key(x, w, y, groups: int = 1) -> tuple:
-    """The convolution's parameters from its input, weight and output shapes (2-d, no dilation):
-    the smallest stride, then padding, that gives the recorded output size."""
-    n, cin, h, wd = x
-    cout, _, kh, kw = w
-    ho, wo = y[2], y[3]
-    for stride in range(1, max(kh, kw, 2) + 1):
-        for padding in range(0, max(kh, kw)):
-            if (h + 2 * padding - kh) // stride + 1 == ho and (wd + 2 * padding - kw) // stride + 1 == wo:
-                return (n, cin, h, wd, cout, kh, kw, stride, padding, groups)
-    raise ValueError(f"no stride/padding maps {x} to {y} with kernel {kh}x{kw}")
 
 
 def cases() -> list[dict]:
