@@ -16,7 +16,9 @@ from vramplan.gpus import Gpu
 from vramplan.timeline import Analysis, Record, analyse, gc_paused
 
 
-MATMULS = frozenset({"mm", "addmm", "bmm", "baddbmm"})
+# aten's matrix products, as the estimate names ops ("mm.default") and as the tracker does ("mm")
+MATMULS = frozenset(f"{op}{overload}" for op in ("mm", "addmm", "bmm", "baddbmm") for overload in ("", ".default"))
+ADDMMS = frozenset({"addmm", "addmm.default"})
 
 
 def workspace_records(records: list, phases: list, gpu: Gpu | None, checkpointing: bool = False) -> list:
@@ -25,28 +27,21 @@ def workspace_records(records: list, phases: list, gpu: Gpu | None, checkpointin
     product on the main thread -- the VAE's or text encoder's in the encode phase, the denoiser's
     when both are cached -- and 32 MiB at the start of backward on autograd's thread; 1 MiB more
     for cuBLASLt at the first addmm (a Linear with bias), on autograd's thread only where
-    checkpointing reruns forwards there). `records`: the step's, searched for those products
-    (aten names with or without the overload, so the tracker's too)."""
+    checkpointing reruns forwards there). `records`: the step's, in event order, searched for
+    those products (fit calls this for every candidate: generators that stop at the first)."""
     backward = next((e for name, e in phases if name == "backward"), None)
     after = next((e for name, e in phases if backward is not None and e > backward), None)
     forward = next((e for name, e in phases if name == "forward"), None)
-    main = lt_main = lt_backward = None
-    for r in records:
-        op = r.op.split(".", 1)[0] if r.op else ""
-        if op not in MATMULS:
-            continue
-        at = r.alloc_at
-        if backward is None or at < backward:
-            if main is None:
-                main = at
-            if lt_main is None and op == "addmm":
-                lt_main = at
-        elif checkpointing and op == "addmm" and lt_backward is None and (after is None or at < after):
-            lt_backward = at
-        if main is not None and lt_main is not None and (lt_backward is not None or not checkpointing):
-            break
-    if main is None:
-        main = forward
+    limit = backward if backward is not None else float("inf")
+    main = next((r.alloc_at for r in records if r.op in MATMULS), None)
+    main = main if main is not None and main < limit else forward
+    lt_main = next((r.alloc_at for r in records if r.op in ADDMMS), None)
+    lt_main = lt_main if lt_main is not None and lt_main < limit else None
+    lt_backward = None
+    if checkpointing and backward is not None:
+        end = after if after is not None else float("inf")
+        lt_backward = next((r.alloc_at for r in records
+                            if backward <= r.alloc_at < end and r.op in ADDMMS), None)
     cublas = cublas_workspace_bytes(gpu)
     out = [Record(cublas, at, None, Category.WORKSPACES, "workspace", op="cuBLAS workspace")
            for at in (main, backward) if at is not None][:CUBLAS_THREADS]
