@@ -61,13 +61,12 @@ def summary(blocks: list) -> list:
 
 
 def main(argv=None) -> int:
+    from vramplan.cli import add_spec_flags, given_options
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    args, rest = parser.parse_known_args(argv)
-    options, it = {}, iter(rest)
-    for flag in it:
-        key = flag[2:].replace("-", "_")
-        options[key] = True if key == "gradient_checkpointing" else next(it)
+    add_spec_flags(parser)                 # the same spec flags as `vramplan profile`
+    args = parser.parse_args(argv)
 
     import torch
 
@@ -75,7 +74,7 @@ def main(argv=None) -> int:
     from vramplan.spec import build_spec
     from vramplan.step.build import build_step
 
-    spec = build_spec(options)
+    spec = build_spec(given_options(args))
     torch.cuda.init()
     torch.cuda.memory._record_memory_history(max_entries=3_000_000, stacks="python")
     step = build_step(spec, "cuda")

@@ -53,18 +53,14 @@ def compact(snapshot: dict, keep_frames: int = 4) -> tuple[list, list]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vramplan.cli import add_spec_flags, given_options
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--max-entries", type=int, default=2_000_000)
-    args, rest = parser.parse_known_args(argv)
-    options = {}
-    it = iter(rest)
-    for flag in it:
-        if not flag.startswith("--"):
-            parser.error(f"unexpected {flag!r}")
-        key = flag[2:].replace("-", "_")
-        options[key] = True if key == "gradient_checkpointing" else next(it)
+    add_spec_flags(parser)                 # the same spec flags as `vramplan profile`
+    args = parser.parse_args(argv)
 
     import torch
 
@@ -72,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from vramplan.spec import build_spec
     from vramplan.step.build import build_step
 
-    spec = build_spec(options)
+    spec = build_spec(given_options(args))
     torch.cuda.init()
     step = build_step(spec, "cuda")
     place_like_a_checkpoint(step, torch)

@@ -17,7 +17,8 @@ from vramplan.timeline import Analysis, Record, analyse, gc_paused
 
 
 # aten's matrix products, as the estimate names ops ("mm.default") and as the tracker does ("mm")
-MATMULS = frozenset(f"{op}{overload}" for op in ("mm", "addmm", "bmm", "baddbmm") for overload in ("", ".default"))
+MATMULS = frozenset({"mm", "addmm", "bmm", "baddbmm", "mm.default", "addmm.default", "bmm.default",
+                     "baddbmm.default"})
 ADDMMS = frozenset({"addmm", "addmm.default"})
 
 

@@ -221,12 +221,13 @@ def estimate_distributed(spec: TrainingSpec, rank: int = 0) -> Estimate:
     inventories = load_model_inventories(spec.model)
     method = get_method(spec.method)
     rw, states, host, rules = per_gpu_records(spec, inventories, rank)
-    footprint, analysis, notes = build_footprint(rw.records, rw.phases, spec.gpu, "estimate", spec.gradient_checkpointing)
+    footprint, analysis, notes = build_footprint(rw.records, rw.phases, spec.gpu, "estimate",
+                                                 spec.gradient_checkpointing)
     single = build_timeline(single_gpu_spec(spec), inventories)
     add_workspaces(single.clock.records, single.clock.phases, spec.gpu, spec.gradient_checkpointing)
-    # counted as the one-GPU estimate counts it: whole blocks, as max_memory_allocated does
-    single_peak = max(replay_allocator(single.clock.records).peak_allocated,
-                      analyse(single.clock.records, single.clock.phases).peak_bytes)
+    # counted as the one-GPU estimate counts it: whole blocks, as max_memory_allocated does (the
+    # allocator's peak is never below the tensors', each block holding one rounded-up tensor)
+    single_peak = replay_allocator(single.clock.records).peak_allocated
     saved = None
     if spec.offload is not Offload.NONE:
         plain, *_ = per_gpu_records(spec.replace(offload=Offload.NONE), inventories, rank)

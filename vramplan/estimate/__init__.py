@@ -14,7 +14,8 @@ from vramplan.estimate.result import Estimate
 def estimate(spec) -> Estimate:
     """The estimate, with Python's cyclic garbage collector paused: the step builds ~10^5 acyclic
     objects that a collection would rescan for nothing (about a tenth of the time, measured on
-    SDXL LoRA); reference counting still frees them."""
+    SDXL LoRA); reference counting still frees them. fit's search pauses it the same way; the
+    replays and graphs below run only under one of the two."""
     from vramplan.estimate.core import run_estimate
     from vramplan.timeline import gc_paused
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from math import prod
 
 from vramplan.estimate.graph import Graph
-from vramplan.timeline import gc_paused
 
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64": 8, "int32": 4,
             "int16": 2, "int8": 1, "uint8": 1, "bool": 1, "complex64": 8, "complex128": 16}
@@ -49,7 +48,6 @@ class Concrete:
         return self.modules[op[1]]
 
 
-@gc_paused()
 def concretize(graph: Graph, env: dict) -> Concrete:
     values = graph.evaluate(env)
     data = graph.data
@@ -121,7 +119,6 @@ class _TemplatePlan:
             self.ops.append((name, cast, op[2], op[3], "." + module if module else ""))
 
 
-@gc_paused()
 def splice(host: Concrete, sites: list[Site]) -> Concrete:
     if not sites:
         return host

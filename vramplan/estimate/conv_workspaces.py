@@ -11,9 +11,12 @@ above inputs and outputs for each convolution of the shipped models' recorded gr
 1/2/4/8 and 512/768/1024 px, in float32 (TF32 allowed, PyTorch's default), float16 and bfloat16,
 forward and the three backward kinds, measured by `scripts/measure_conv_workspaces.py` on an
 NVIDIA H200 (compute capability 9.0, torch 2.11.0+cu130, cuDNN 9.19.0; its `source` field).
-Other sizes of a measured convolution are interpolated linearly in output elements N*Ho*Wo
-(the workspace follows them: measured points at equal N*Ho*Wo differ by < 4 %), and extrapolated
-past the largest along the last segment. A convolution the table does not hold (a local model's
+Other sizes of a measured convolution are interpolated linearly in output elements N*Ho*Wo,
+and extrapolated past the largest along the last segment. The workspace mostly follows N*Ho*Wo
+-- measured points of equal N*Ho*Wo but other N and Ho agree at the median, and where the
+workspace exceeds 64 MiB they are at most 13 % apart -- but smaller plans can differ by up to
+52 MiB (cuDNN picked another plan), so a size between measured ones is not exact; where two
+measured points share N*Ho*Wo the larger workspace is taken. A convolution the table does not hold (a local model's
 unusual channel count, a transposed convolution) gets none, and other cards' heuristics may pick
 other plans: both are limits of a table measured on one card.
 """

@@ -20,7 +20,7 @@ from vramplan.estimate.autograd_rules import ANY, Rule, function_saves, rule_for
 from vramplan.estimate.concrete import Concrete
 from vramplan.estimate.conv_workspaces import backward_kind, conv_key, workspace_bytes
 from vramplan.footprint import Category
-from vramplan.timeline import Record, gc_paused
+from vramplan.timeline import Record
 
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64": 8, "int32": 4,
             "int16": 2, "int8": 1, "uint8": 1, "bool": 1, "complex64": 8, "complex128": 16}
@@ -200,7 +200,6 @@ class Replayer:
             self.clock.free(self.live.pop(sid))
 
     # -- forward -------------------------------------------------------------------------------
-    @gc_paused()
     def forward(self, inputs: dict | None = None) -> None:
         """`inputs`: role -> Record already allocated by the caller (kept, not re-counted)."""
         inputs = inputs or {}
@@ -342,7 +341,6 @@ class Replayer:
                         python_free(sid)
 
     # -- backward ------------------------------------------------------------------------------
-    @gc_paused()
     def backward(self, output_grads: dict | None = None) -> Replayed:
         """Start from the loss (or from gradients given for graph outputs, role -> Record)."""
         g, ops = self.g, self.g.ops

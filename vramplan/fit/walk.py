@@ -23,10 +23,10 @@ estimated, the values it hopes for are probed with every other free axis at its 
 `_Search._probes_fit`), and one failed probe rules out the whole family of such trade-offs.
 
 Measured (scripts/benchmark_fit.py, 2 cores): one estimate when the best plan fits outright; SD 1.5
-DreamBooth on 12 GB in 5; SDXL LoRA on 8 GB, where little fits, in 11 estimates and 19 device
-floors, about 2.5 s (19 estimates and 8 s before the floor and the step's kept replays, 4.4 s
-before the allocator's replay and the live-bytes loops ran in C, `vramplan.native`): building
-each candidate's records and the 7 distinct denoiser replays are most of it now.
+DreamBooth on 12 GB in 5; SDXL LoRA on 8 GB, where little fits, in 18 estimates and 27 device
+floors, about 4.0 s (2.5 s with 11 and 19 before the measured CUDA context, 772.8 MiB instead of
+426, left fewer plans fitting): building each candidate's records and the 10 distinct denoiser
+replays are most of it.
 
 A plan fits when its device use plus the safety margin is within the card. With gradient
 accumulation the gradients stay alive between micro-steps, through the next forward; `estimate`
@@ -265,8 +265,8 @@ def static_bytes(spec: TrainingSpec, inventories: dict) -> int:
 def device_floor(spec: TrainingSpec) -> int:
     """A lower bound of device used from the step's records alone, before the caching allocator
     is replayed over them (most of an estimate's time): the peak of live bytes, cuBLAS workspaces
-    included, plus the CUDA context. `build_footprint`'s device used is that plus the reserve,
-    which is never negative, so this never exceeds the estimate. The records are handed on to the
+    included, plus the CUDA context. `build_footprint`'s device used is that plus the allocator's
+    block slack and reserve, never negative, so this never exceeds the estimate. The records are handed on to the
     estimate of the same spec, if it follows."""
     from vramplan.estimate.step import build_timeline
     from vramplan.footprint_build import workspace_records
