@@ -1,4 +1,5 @@
-"""How long `vramplan fit` takes to search, on the three cases issue 5 names and a several-GPU one.
+"""How long `vramplan fit` takes to search: the three cases issue 5 names, a several-GPU one, and
+four more cards and models.
 
     python scripts/benchmark_fit.py [--repeat 3] [--json] [--case NAME] [--breakdown]
 
@@ -27,6 +28,11 @@ CASES = {
     "sdxl lora 8GB": {"model": "sdxl", "method": "lora", "gpu": "8GB"},
     "sd15 dreambooth 12GB": {"model": "sd15", "method": "dreambooth", "gpu": "12GB"},
     "sdxl full 4xrtx4090": {"model": "sdxl", "method": "full", "gpus": "4xrtx4090"},
+    # more cards and models, to show where the search's time goes up: how little fits
+    "sdxl lora 12GB": {"model": "sdxl", "method": "lora", "gpu": "12GB"},
+    "sdxl full 24GB": {"model": "sdxl", "method": "full", "gpu": "24GB"},
+    "sdxl dreambooth 24GB": {"model": "sdxl", "method": "dreambooth", "gpu": "24GB"},
+    "flux-dev lora 24GB": {"model": "flux-dev", "method": "lora", "gpu": "24GB"},
 }
 
 CHILD = r"""

@@ -8,6 +8,8 @@ context.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from vramplan.estimate.allocator import replay_allocator
 from vramplan.estimate.overheads import (CUBLAS_THREADS, CUBLASLT_WORKSPACE_BYTES, CUDA_CONTEXT_SOURCE,
                                          cublas_workspace_bytes, cuda_context_bytes)
@@ -55,13 +57,30 @@ def add_workspaces(records: list, phases: list, gpu: Gpu | None, checkpointing: 
     records.extend(workspace_records(records, phases, gpu, checkpointing))
 
 
-@gc_paused()
-def build_footprint(records: list, phases: list, gpu: Gpu | None, source: str,
-                    checkpointing: bool = False) -> tuple[Footprint, Analysis, list]:
+@dataclass(frozen=True)
+class Prepared:
+    """A step's records made ready for `build_footprint`: its workspaces, and the records with
+    them as C arrays (None without `vramplan.native`). fit's lower bound makes these for each
+    candidate and hands them to the estimate of the same candidate, which would make them again."""
+
+    workspaces: list
+    columns: object
+
+
+def prepare(records: list, phases: list, gpu: Gpu | None, checkpointing: bool = False) -> Prepared:
     from vramplan import native
 
-    add_workspaces(records, phases, gpu, checkpointing)
-    columns = native.columns(records)      # read by both: made into C arrays once
+    workspaces = workspace_records(records, phases, gpu, checkpointing)
+    return Prepared(workspaces, native.columns(records, workspaces))
+
+
+@gc_paused()
+def build_footprint(records: list, phases: list, gpu: Gpu | None, source: str,
+                    checkpointing: bool = False, prepared: Prepared | None = None) -> tuple[Footprint, Analysis, list]:
+    """`prepared`: `prepare(records, ...)` of these very records, when the caller has it."""
+    prepared = prepared or prepare(records, phases, gpu, checkpointing)
+    records.extend(prepared.workspaces)
+    columns = prepared.columns      # read by both: made into C arrays once
     analysis = analyse(records, phases, columns=columns)
     allocator = replay_allocator(records, columns)
     context = cuda_context_bytes(gpu)

@@ -11,6 +11,8 @@ region exits.
 
 from __future__ import annotations
 
+import bisect
+
 from dataclasses import dataclass, field
 from math import prod
 
@@ -275,10 +277,18 @@ def splice(host: Concrete, sites: list[Site]) -> Concrete:
                     new_index[r[2]], [replace.get(t, t) for t in r[3]], [replace.get(t, t) for t in r[4]])
                    for r in host.regions]
     out.calls = [(c[0], new_index[c[1]], new_index[c[2]], c[3], c[4]) for c in host.calls]
-    spliced = [(host.calls[site.call][1], host.calls[site.call][2]) for site in sites]
+    # host functions inside a spliced call are gone (the template's own took their place);
+    # the calls' op ranges do not overlap, so one sorted search finds the range a start is in
+    spliced = sorted((host.calls[site.call][1], host.calls[site.call][2]) for site in sites)
+    starts = [a for a, _ in spliced]
+
+    def inside_spliced(op: int) -> bool:
+        k = bisect.bisect_right(starts, op) - 1
+        return k >= 0 and op <= spliced[k][1]
+
     out.functions += [(f[0], new_index[f[1]], new_index[f[2]], [replace.get(t, t) for t in f[3]],
                        [replace.get(t, t) for t in f[4]], *f[5:]) for f in host.functions
-                      if not any(a <= f[1] <= b for a, b in spliced)]
+                      if not inside_spliced(f[1])]
     out.inputs = {k: replace.get(v, v) for k, v in host.inputs.items()}
     out.outputs = {k: replace.get(v, v) for k, v in host.outputs.items()}
     return out

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from vramplan.estimate.result import Estimate
-from vramplan.estimate.step import build_timeline
+from vramplan.estimate.step import build_timeline, kept_for_tensors
 from vramplan.footprint import ComponentParams
 from vramplan.footprint_build import build_footprint
 from vramplan.methods import get_method
@@ -29,9 +29,13 @@ def run_estimate(spec: TrainingSpec) -> Estimate:
     method = get_method(spec.method)
     timeline = build_timeline(spec, inventories)
     footprint, _, notes = build_footprint(timeline.clock.records, timeline.clock.phases, spec.gpu, "estimate",
-                                         spec.gradient_checkpointing)
+                                         spec.gradient_checkpointing, prepared=timeline.prepared)
     if timeline.unknown_ops:
         notes.append("ops without an autograd rule (counted as saving all inputs): "
                      + ", ".join(sorted(timeline.unknown_ops)))
-    return Estimate(spec=spec, parameters=component_parameters(spec, inventories), footprint=footprint,
-                    adapter_file_bytes=method.adapter_file_bytes(spec, inventories), notes=tuple(notes))
+    # both depend on the trained tensors alone: fit's candidates share them
+    parameters = kept_for_tensors(spec, inventories, "parameters", lambda: component_parameters(spec, inventories))
+    file_bytes = kept_for_tensors(spec, inventories, "adapter file",
+                                  lambda: method.adapter_file_bytes(spec, inventories))
+    return Estimate(spec=spec, parameters=dict(parameters), footprint=footprint,
+                    adapter_file_bytes=file_bytes, notes=tuple(notes))

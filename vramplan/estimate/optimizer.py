@@ -14,6 +14,7 @@ No torch import: this is the analytic tier.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from math import prod
 from typing import Callable, Sequence
 
@@ -161,11 +162,18 @@ def optimizer_state_tensors(optimizer: Optimizer, param_shapes: Sequence[tuple],
     zeros = list(zero_params) if zero_params is not None else [False] * len(shapes)
     if len(zeros) != len(shapes):
         raise ValueError("zero_params must have one entry per parameter shape")
-    rule = RULES[optimizer]
     out: list[StateTensor] = []
     for shape, all_zero in zip(shapes, zeros):
-        out += rule.per_param(shape, param_bytes, momentum, all_zero)
-    return out + rule.shared(shapes)
+        out += _per_param(optimizer, shape, param_bytes, momentum, all_zero)
+    return out + RULES[optimizer].shared(shapes)
+
+
+@lru_cache(maxsize=8192)
+def _per_param(optimizer: Optimizer, shape: tuple, param_bytes: int, momentum, all_zero: bool) -> tuple:
+    """One parameter's states, kept: a model has a few hundred distinct shapes among thousands of
+    adapted tensors, and fit asks again for every optimizer and rank it tries (StateTensor is frozen,
+    so the tensors are shared safely)."""
+    return tuple(RULES[optimizer].per_param(shape, param_bytes, momentum, all_zero))
 
 
 def optimizer_state_bytes(optimizer: Optimizer, param_shapes: Sequence[tuple], param_bytes: int,

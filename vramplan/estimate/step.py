@@ -43,6 +43,7 @@ class StepTimeline:
     notes: list = field(default_factory=list)
     saved_by_module: dict = field(default_factory=dict)
     unknown_ops: set = field(default_factory=set)
+    prepared: object = None     # footprint_build.Prepared of these records, made by fit's lower bound
 
 
 def _sizes(spec: TrainingSpec) -> dict:
@@ -359,7 +360,7 @@ def _replay_key(spec: TrainingSpec, inventories: dict, method, *parts, ignore: f
 NOT_WEIGHTS = frozenset({"optimizer", "momentum", "gradient_checkpointing", "gradient_accumulation_steps",
                          "batch_size", "resolution", "attention", "gpu", "num_gpus", "strategy",
                          "fsdp_sharding", "offload"})
-_TENSORS = _Lru(16)
+_TENSORS = _Lru(64)   # a few kinds (tensors, states, counts) for each of fit's distinct weights
 
 
 def tensors_key(spec: TrainingSpec, inventories: dict, method, *parts) -> tuple | None:
@@ -381,6 +382,13 @@ def _kept(cache: _Lru, key: tuple | None, pins: tuple, make):
     value = make()
     cache.put(key, (pins, value))
     return value
+
+
+def kept_for_tensors(spec: TrainingSpec, inventories: dict, what: str, make):
+    """`make()`, kept for the specs with the same trainable tensors and weights (`tensors_key`):
+    what only they decide (parameter counts, the adapter file's size). Callers do not mutate it."""
+    method = get_method(spec.method)
+    return _kept(_TENSORS, tensors_key(spec, inventories, method, what), tuple(inventories.values()), make)
 
 
 def step_tensors(spec: TrainingSpec, inventories: dict) -> tuple[dict, list]:

@@ -65,19 +65,8 @@ def weight_tensors(spec: TrainingSpec, inventories: dict[str, Inventory]) -> lis
         inv = inventories[component]
         whole = spec.method.trains_denoiser and (component == denoiser or component in trained)
         dtype = train if whole else (vae_dtype(spec) if component == "vae" else frozen)
-        quantize = set()
-        if component == denoiser and spec.base_quant is not BaseQuant.NONE:
-            quantize = {m.name + ".weight" for m in inv.linears()}
-        for name, shape in inv.params:
-            if name in quantize:
-                for k, nbytes in enumerate(quantized_bytes(tuple(shape), spec.base_quant)):
-                    out.append(Tensor(f"{component}.{name}#{k}", nbytes, Category.FROZEN_WEIGHTS, component))
-            else:
-                out.append(Tensor(f"{component}.{name}", prod(shape) * ITEMSIZE[dtype],
-                                  Category.TRAINABLE_WEIGHTS if whole else Category.FROZEN_WEIGHTS, component))
-        for buf in inv.buffers:
-            itemsize = ITEMSIZE[dtype] if buf.dtype in ("float32", "float16", "bfloat16") else buf.bytes // max(buf.numel, 1)
-            out.append(Tensor(f"{component}.{buf.name}", buf.numel * itemsize, Category.BUFFERS, component))
+        quant = spec.base_quant if component == denoiser else BaseQuant.NONE
+        out.extend(_component_weights(inv, component, dtype, whole, quant))
         if not whole and component in trained:
             for t in trained[component]:
                 out.append(Tensor(f"{component}.{t.name}", t.numel * ITEMSIZE[train],
@@ -87,3 +76,33 @@ def weight_tensors(spec: TrainingSpec, inventories: dict[str, Inventory]) -> lis
             for t in tensors:
                 out.append(Tensor(f"ema.{component}.{t.name}", t.numel * 4, Category.EMA, component))
     return out
+
+
+def _component_weights(inv: Inventory, component: str, dtype: str, whole: bool, quant: BaseQuant) -> tuple:
+    """One component's parameters and buffers on the card (kept: fit's candidates differ in
+    rank, optimizer or caching far more often than in these)."""
+    key = (id(inv), component, dtype, whole, quant)
+    known = _COMPONENT_WEIGHTS.get(key)
+    if known is not None and known[0] is inv:
+        return known[1]
+    out = []
+    quantize = {m.name + ".weight" for m in inv.linears()} if quant is not BaseQuant.NONE else set()
+    for name, shape in inv.params:
+        if name in quantize:
+            for k, nbytes in enumerate(quantized_bytes(tuple(shape), quant)):
+                out.append(Tensor(f"{component}.{name}#{k}", nbytes, Category.FROZEN_WEIGHTS, component))
+        else:
+            out.append(Tensor(f"{component}.{name}", prod(shape) * ITEMSIZE[dtype],
+                              Category.TRAINABLE_WEIGHTS if whole else Category.FROZEN_WEIGHTS, component))
+    for buf in inv.buffers:
+        itemsize = ITEMSIZE[dtype] if buf.dtype in ("float32", "float16", "bfloat16") else buf.bytes // max(buf.numel, 1)
+        out.append(Tensor(f"{component}.{buf.name}", buf.numel * itemsize, Category.BUFFERS, component))
+    if len(_COMPONENT_WEIGHTS) >= 64:
+        _COMPONENT_WEIGHTS.clear()
+    _COMPONENT_WEIGHTS[key] = (inv, tuple(out))
+    return _COMPONENT_WEIGHTS[key][1]
+
+
+# (id(inventory), component, dtype, trained whole, quantization) -> (the inventory, its tensors);
+# the inventory is held so that its id is not reused
+_COMPONENT_WEIGHTS: dict = {}

@@ -24,9 +24,10 @@ estimated, the values it hopes for are probed with every other free axis at its 
 
 Measured (scripts/benchmark_fit.py, 2 cores): one estimate when the best plan fits outright; SD 1.5
 DreamBooth on 12 GB in 5; SDXL LoRA on 8 GB, where little fits, in 18 estimates and 27 device
-floors, about 4.0 s (2.5 s with 11 and 19 before the measured CUDA context, 772.8 MiB instead of
+floors, about 3.5 s (2.5 s with 11 and 19 before the measured CUDA context, 772.8 MiB instead of
 426, left fewer plans fitting): building each candidate's records and the 10 distinct denoiser
-replays are most of it.
+replays are most of it. A floor's records, with their workspaces and C arrays, are handed on to
+the estimate of the same candidate (`footprint_build.prepare`).
 
 A plan fits when its device use plus the safety margin is within the card. With gradient
 accumulation the gradients stay alive between micro-steps, through the next forward; `estimate`
@@ -199,8 +200,10 @@ class PerGpuShare:
                 "model_states": dict(self.model_states), "rules": list(self.rules)}
 
 
-# One GPU's records of the last spec whose device floor was taken, for its estimate to follow.
+# One GPU's records of the last spec whose device floor was taken, for its estimate to follow,
+# and (those records, their `footprint_build.Prepared`).
 _PER_GPU: list = []
+_PER_GPU_PREPARED: list = []
 
 
 def _per_gpu_records(spec: TrainingSpec, keep: bool = False):
@@ -225,7 +228,10 @@ def per_gpu_estimate(spec: TrainingSpec) -> Estimate:
     from vramplan.footprint_build import build_footprint
 
     rw, states, host, rules = _per_gpu_records(spec)
-    footprint, _, notes = build_footprint(rw.records, rw.phases, spec.gpu, "estimate", spec.gradient_checkpointing)
+    prepared = next((p for known, p in _PER_GPU_PREPARED if known is rw), None)
+    _PER_GPU_PREPARED.clear()
+    footprint, _, notes = build_footprint(rw.records, rw.phases, spec.gpu, "estimate", spec.gradient_checkpointing,
+                                          prepared=prepared)
     return Estimate(spec=spec, parameters={}, footprint=footprint, notes=tuple(notes),
                     distributed=PerGpuShare(host, states, tuple(rules)))
 
@@ -266,10 +272,11 @@ def device_floor(spec: TrainingSpec) -> int:
     """A lower bound of device used from the step's records alone, before the caching allocator
     is replayed over them (most of an estimate's time): the peak of live bytes, cuBLAS workspaces
     included, plus the CUDA context. `build_footprint`'s device used is that plus the allocator's
-    block slack and reserve, never negative, so this never exceeds the estimate. The records are handed on to the
-    estimate of the same spec, if it follows."""
+    block slack and reserve, never negative, so this never exceeds the estimate. The records, with
+    their workspaces and C arrays (`footprint_build.prepare`), are handed on to the estimate of
+    the same spec, if it follows."""
     from vramplan.estimate.step import build_timeline
-    from vramplan.footprint_build import workspace_records
+    from vramplan.footprint_build import prepare
 
     if spec.is_distributed:
         rw = _per_gpu_records(spec, keep=True)[0]
@@ -277,20 +284,25 @@ def device_floor(spec: TrainingSpec) -> int:
     else:
         timeline = build_timeline(spec, load_model_inventories(spec.model), hand_on=True)
         records, phases, last_event = timeline.clock.records, timeline.clock.phases, timeline.clock.now
-    workspaces = workspace_records(records, phases, spec.gpu, spec.gradient_checkpointing)
+    prepared = prepare(records, phases, spec.gpu, spec.gradient_checkpointing)
+    if spec.is_distributed:
+        _PER_GPU_PREPARED[:] = [(rw, prepared)]
+    else:
+        timeline.prepared = prepared
     if last_event is not None:
         last_event = max([last_event] + [e for _, e in phases])
-    return peak_live_bytes(records, workspaces, last_event) + cuda_context_bytes(spec.gpu)
+    return peak_live_bytes(records, prepared.workspaces, last_event, prepared.columns) + cuda_context_bytes(spec.gpu)
 
 
-def peak_live_bytes(records: list, extra: list = (), last_event: int | None = None) -> int:
+def peak_live_bytes(records: list, extra: list = (), last_event: int | None = None, columns=None) -> int:
     """The most bytes live at once over the records and `extra` (`timeline.analyse`'s peak): in C
     where `vramplan.native` is built, else in Python. There, `last_event`: no record's events go
     past it, so they index a list (a step's clock: one event per allocation or free); without
-    it, sparse events (the distributed rewrite's) are summed in a dict."""
+    it, sparse events (the distributed rewrite's) are summed in a dict. `columns`: the records
+    and `extra` as `native.Columns`, when the caller has them."""
     from vramplan import native
 
-    columns = native.columns(records, extra)
+    columns = columns or native.columns(records, extra)
     peak = native.peak_live_bytes(columns) if columns is not None else None
     if peak is not None:
         return peak

@@ -62,9 +62,20 @@ _SELECT = {
 
 
 def denoiser_targets(spec: TrainingSpec, inventory: Inventory) -> list[ModuleEntry]:
-    """The denoiser modules `spec.lora_targets` selects, in the inventory's (module) order."""
-    select = _SELECT[spec.lora_targets or LoraTargets.ATTN]
-    return [m for m in inventory.modules if select(m, spec.model.family)]
+    """The denoiser modules `spec.lora_targets` selects, in the inventory's (module) order (a new
+    list each call; the selection over an inventory's thousand-odd modules is made once)."""
+    targets = spec.lora_targets or LoraTargets.ATTN
+    key = (id(inventory), targets, spec.model.family)
+    known = _SELECTED.get(key)
+    if known is None or known[0] is not inventory:
+        select = _SELECT[targets]
+        known = _SELECTED[key] = (inventory, tuple(m for m in inventory.modules if select(m, spec.model.family)))
+    return list(known[1])
+
+
+# (id(inventory), targets, family) -> (the inventory, its selected modules); the inventory is
+# held so that its id is not reused. fit asks once per candidate it counts.
+_SELECTED: dict = {}
 
 
 def text_encoder_targets(inventory: Inventory) -> list[ModuleEntry]:
