@@ -11,7 +11,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from vramplan.errors import UsageError
-from vramplan.estimate.concrete import Concrete, Site, concretize, splice
+from vramplan.estimate.concrete import Concrete, Site, concretize, retarget, splice
 from vramplan.estimate.graph import TRACE_ROOT, parse_graph, read_json_gz
 from vramplan.methods.base import MethodImpl
 from vramplan.models.inventory import ModuleEntry
@@ -65,6 +65,22 @@ def adapted(graph: Concrete, spec: TrainingSpec, method: MethodImpl, component: 
     """`graph` with every call of `entries` replaced by its adapted template."""
     if not entries:
         return graph
+    return splice(graph, _sites(graph, spec, method, component, entries, variant))
+
+
+def readapted(like: Concrete, spec: TrainingSpec, method: MethodImpl, component: str,
+              entries: list[ModuleEntry], variant: str) -> Concrete | None:
+    """What `adapted` would give for this spec, from `like`, an adapted graph of the same host
+    and templates at other sizes (fit tries rank after rank; `concrete.retarget`), or None when
+    the templates differ. The sites are read off `like`: splicing keeps the host's tensors and
+    its calls' inputs."""
+    if not entries or like.origin is None:
+        return None
+    return retarget(like, _sites(like, spec, method, component, entries, variant))
+
+
+def _sites(graph: Concrete, spec: TrainingSpec, method: MethodImpl, component: str,
+           entries: list[ModuleEntry], variant: str) -> list[Site]:
     base_variant = variant.removesuffix("-ti").partition("-keep-")[0]
     calls = {}
     for index, call in enumerate(graph.calls):
@@ -90,5 +106,5 @@ def adapted(graph: Concrete, spec: TrainingSpec, method: MethodImpl, component: 
         t = _concrete_template(key, tuple(sorted(env.items())))
         # base params keep the module's names; adapter params take the method's names
         sites.append(Site(index, t, f"{component}.{entry.name}.",
-                          f"{component}.{method.adapter_prefix(spec, entry)}"))
-    return splice(graph, sites)
+                          f"{component}.{method.adapter_prefix(spec, entry)}", key))
+    return sites

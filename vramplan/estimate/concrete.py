@@ -12,7 +12,7 @@ region exits.
 from __future__ import annotations
 
 import bisect
-
+import dataclasses
 from dataclasses import dataclass, field
 from math import prod
 
@@ -42,6 +42,9 @@ class Concrete:
     outputs: dict
     markers: dict
     unknown: set = field(default_factory=set)
+    # a spliced graph: (the sites' signature, host tensors, host storages, then each appended
+    # tensor's and storage's (site, template id)) -- what `retarget` needs
+    origin: tuple | None = None
 
     def opname(self, op) -> str:
         return self.opnames[op[0]]
@@ -84,6 +87,7 @@ class Site:
     template: Concrete
     prefix: str          # the module's parameters, e.g. "unet.down_blocks.0...attn1.to_q."
     adapter_prefix: str  # the adapter's parameters (shared across sites for hypernetworks)
+    key: str = ""        # which recorded template (its structure; `template` is it at this site's sizes)
 
 
 def _adapter_suffix(name: str) -> str:
@@ -149,6 +153,9 @@ def splice(host: Concrete, sites: list[Site]) -> Concrete:
     pending_free: list = []                 # (new storage, host storage whose free it inherits)
     pending_cache: list = []                # new storages freed at the host's autocast exit
     cast_cache: dict = {}                   # adapter weight name -> tid of its autocast cast
+    origin_t: list = []                     # each appended tensor's (site, template tid)
+    origin_s: list = []                     # each appended storage's (site, template sid)
+    site_index = {id(s): k for k, s in enumerate(sites)}
     i = 0
     n = len(host_ops)
     while i < n:
@@ -183,6 +190,7 @@ def splice(host: Concrete, sites: list[Site]) -> Concrete:
         start_new = len(out_ops)
         t_end, y_sid = plan.end, plan.y_sid
         host_out_sid = host_t_sid[out_tids[0]]
+        k_site = site_index[id(site)]
 
         def new_tid(tid):
             sid = t_sid[tid]
@@ -190,6 +198,7 @@ def splice(host: Concrete, sites: list[Site]) -> Concrete:
             if new_sid is None:
                 new_sid = smap[sid] = len(out_s_bytes)
                 out_s_bytes.append(t_s_bytes[sid])
+                origin_s.append((k_site, sid))
                 alloc = t_s_alloc[sid]
                 out_s_alloc.append(-1 if alloc == -1 else start_new + alloc)
                 free = t_s_free[sid]
@@ -204,6 +213,7 @@ def splice(host: Concrete, sites: list[Site]) -> Concrete:
                         # cache of a weight cast, which lives until the host's region closes
                         pending_cache.append(new_sid)
             out_t_sid.append(new_sid)
+            origin_t.append((k_site, tid))
             out_t_dtype.append(t_dtype[tid])
             out_t_shape.append(t_shape[tid])
             out_t_bytes.append(t_bytes[tid])
@@ -291,7 +301,33 @@ def splice(host: Concrete, sites: list[Site]) -> Concrete:
                       if not inside_spliced(f[1])]
     out.inputs = {k: replace.get(v, v) for k, v in host.inputs.items()}
     out.outputs = {k: replace.get(v, v) for k, v in host.outputs.items()}
+    out.origin = (_signature(sites), len(host_t_sid), len(host.s_bytes), tuple(origin_t), tuple(origin_s))
     return out
+
+
+def _signature(sites: list[Site]) -> tuple:
+    return tuple((s.call, s.key, s.prefix, s.adapter_prefix) for s in sites)
+
+
+def retarget(like: Concrete, sites: list[Site]) -> Concrete | None:
+    """`splice(host, sites)` from `like`, an earlier splice of the same host whose sites had the
+    same templates at other sizes (another rank): splicing never reads a size, so only the
+    appended tensors' shapes and bytes and the appended storages' bytes differ; the rest is
+    shared with `like` (spliced graphs are only read). None when the sites differ in more."""
+    if like.origin is None or not all(s.key for s in sites):
+        return None
+    signature, n_t, n_s, origin_t, origin_s = like.origin
+    if signature != _signature(sites):
+        return None
+    t_shape, t_bytes, s_bytes = list(like.t_shape), list(like.t_bytes), list(like.s_bytes)
+    templates = [s.template for s in sites]
+    for j, (k, tid) in enumerate(origin_t, n_t):
+        t = templates[k]
+        t_shape[j] = t.t_shape[tid]
+        t_bytes[j] = t.t_bytes[tid]
+    for j, (k, sid) in enumerate(origin_s, n_s):
+        s_bytes[j] = templates[k].s_bytes[sid]
+    return dataclasses.replace(like, t_shape=t_shape, t_bytes=t_bytes, s_bytes=s_bytes)
 
 
 def _first_new(new_index, host_op, out) -> int:

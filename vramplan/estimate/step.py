@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from vramplan.estimate.optimizer import optimizer_state_tensors
 from vramplan.estimate.optimizer_step import clip_scalars, step_transients
-from vramplan.estimate.adapters import adapted
+from vramplan.estimate.adapters import adapted, readapted
 from vramplan.estimate.concrete import concretize
 from vramplan.estimate.replay import Clock, Replayed, ReplayOptions, Replayer
 from vramplan.estimate.traces import attention_name, graph_for
@@ -316,6 +316,7 @@ class _Lru:
 # An SDXL denoiser window is some 50 000 rows (about 8 MB), an adapted SDXL graph some tens of MB.
 _WINDOWS = _Lru(12)
 _GRAPHS = _Lru(4)
+_SPLICED = _Lru(4)     # by host (the key less the rank): the last adapted graph, to resize
 
 
 _HANDED_ON: list = []    # [(key, pins, StepTimeline)]: at most one, for the next build of its spec
@@ -328,6 +329,7 @@ _SHARED = _Lru(12)         # an SDXL step is some 57 000 records (about 6 MB)
 def clear_reuse() -> None:
     _WINDOWS.items.clear()
     _GRAPHS.items.clear()
+    _SPLICED.items.clear()
     _TENSORS.items.clear()
     _SHARED.items.clear()
     _HANDED_ON.clear()
@@ -416,13 +418,28 @@ def _device_states(spec: TrainingSpec, inventories: dict, trained: dict, state_s
 def _adapted_graph(spec: TrainingSpec, inventories: dict, method, component: str, variant: str, env: dict):
     """The component's recorded graph at these sizes, with the method's adapted layers spliced in
     (the same graph with checkpointing on or off). Replays only read it."""
+    pins = tuple(inventories.values())
+    # the last adapted graph of this host at any rank (and alpha, which follows it and no
+    # template reads): another rank only resizes its adapters
+    host_key = _replay_key(spec, inventories, method, component, variant, tuple(sorted(env.items())),
+                           ignore=frozenset({"gradient_checkpointing", "rank", "alpha"}))
+
     def build():
-        return adapted(concretize(graph_for(spec, component, variant), env), spec, method, component,
-                       method.wrapped_modules(spec, component, inventories), variant)
+        entries = method.wrapped_modules(spec, component, inventories)
+        known = _SPLICED.get(host_key) if host_key is not None else None
+        graph = None
+        if known is not None and _same(known[0], pins):
+            graph = readapted(known[1], spec, method, component, entries, variant)
+        if graph is None:
+            graph = adapted(concretize(graph_for(spec, component, variant), env), spec, method, component,
+                            entries, variant)
+        if host_key is not None:
+            _SPLICED.put(host_key, (pins, graph))
+        return graph
 
     key = _replay_key(spec, inventories, method, component, variant, tuple(sorted(env.items())),
                       ignore=frozenset({"gradient_checkpointing"}))
-    return _kept(_GRAPHS, key, tuple(inventories.values()), build)
+    return _kept(_GRAPHS, key, pins, build)
 
 
 @dataclass(frozen=True)
