@@ -45,6 +45,7 @@ class Rewriter:
         self.end = (end + 1) * SCALE
         self._before: dict[int, int] = {}
         self._after: dict[int, int] = {}
+        self.prepared = None    # footprint_build.Prepared of the rewritten records, made by fit's lower bound
 
     # -- time ------------------------------------------------------------------------------------
     def before(self, event: int) -> int:

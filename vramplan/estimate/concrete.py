@@ -128,7 +128,7 @@ class _TemplatePlan:
 def splice(host: Concrete, sites: list[Site]) -> Concrete:
     if not sites:
         return host
-    by_start = {host.calls[s.call][1]: s for s in sites}
+    by_start = {host.calls[s.call][1]: (k, s) for k, s in enumerate(sites)}   # (site's index, site)
     host_t_sid, host_ops, host_s_alloc = host.t_sid, host.ops, host.s_alloc
     # host tensors on the storage of a spliced call's output (views of it, reshapes after it)
     out_sids = {host_t_sid[host.calls[s.call][4][0]] for s in sites}
@@ -155,11 +155,10 @@ def splice(host: Concrete, sites: list[Site]) -> Concrete:
     cast_cache: dict = {}                   # adapter weight name -> tid of its autocast cast
     origin_t: list = []                     # each appended tensor's (site, template tid)
     origin_s: list = []                     # each appended storage's (site, template sid)
-    site_index = {id(s): k for k, s in enumerate(sites)}
     i = 0
     n = len(host_ops)
     while i < n:
-        site = by_start.get(i)
+        k_site, site = by_start.get(i, (None, None))
         if site is None:
             op = host_ops[i]
             if replace:
@@ -190,7 +189,6 @@ def splice(host: Concrete, sites: list[Site]) -> Concrete:
         start_new = len(out_ops)
         t_end, y_sid = plan.end, plan.y_sid
         host_out_sid = host_t_sid[out_tids[0]]
-        k_site = site_index[id(site)]
 
         def new_tid(tid):
             sid = t_sid[tid]

@@ -34,8 +34,8 @@ def run_estimate(spec: TrainingSpec) -> Estimate:
         notes.append("ops without an autograd rule (counted as saving all inputs): "
                      + ", ".join(sorted(timeline.unknown_ops)))
     # both depend on the trained tensors alone: fit's candidates share them
-    parameters = kept_for_tensors(spec, inventories, "parameters", lambda: component_parameters(spec, inventories))
-    file_bytes = kept_for_tensors(spec, inventories, "adapter file",
-                                  lambda: method.adapter_file_bytes(spec, inventories))
+    parameters = kept_for_tensors(spec, inventories, lambda: component_parameters(spec, inventories), "parameters")
+    file_bytes = kept_for_tensors(spec, inventories, lambda: method.adapter_file_bytes(spec, inventories),
+                                  "adapter file")
     return Estimate(spec=spec, parameters=dict(parameters), footprint=footprint,
                     adapter_file_bytes=file_bytes, notes=tuple(notes))

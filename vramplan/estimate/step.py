@@ -386,19 +386,20 @@ def _kept(cache: _Lru, key: tuple | None, pins: tuple, make):
     return value
 
 
-def kept_for_tensors(spec: TrainingSpec, inventories: dict, what: str, make):
-    """`make()`, kept for the specs with the same trainable tensors and weights (`tensors_key`):
-    what only they decide (parameter counts, the adapter file's size). Callers do not mutate it."""
+def kept_for_tensors(spec: TrainingSpec, inventories: dict, make, *parts):
+    """`make()`, kept for the specs with the same trainable tensors and weights (`tensors_key`)
+    and `parts`: what only they decide (the tensors themselves, optimizer states, parameter
+    counts, the adapter file's size). Read-only for callers."""
     method = get_method(spec.method)
-    return _kept(_TENSORS, tensors_key(spec, inventories, method, what), tuple(inventories.values()), make)
+    return _kept(_TENSORS, tensors_key(spec, inventories, method, *parts), tuple(inventories.values()), make)
 
 
 def step_tensors(spec: TrainingSpec, inventories: dict) -> tuple[dict, list]:
     """(the method's trainable tensors by component, the weights on the card): read-only, shared
     by the specs that differ only in how the step runs."""
     method = get_method(spec.method)
-    return _kept(_TENSORS, tensors_key(spec, inventories, method, "tensors"), tuple(inventories.values()),
-                 lambda: (method.trainable_tensors(spec, inventories), weight_tensors(spec, inventories)))
+    return kept_for_tensors(spec, inventories, lambda: (method.trainable_tensors(spec, inventories),
+                                                        weight_tensors(spec, inventories)), "tensors")
 
 
 def _device_states(spec: TrainingSpec, inventories: dict, trained: dict, state_size: int) -> list:
@@ -411,8 +412,7 @@ def _device_states(spec: TrainingSpec, inventories: dict, trained: dict, state_s
             out.extend(s for s in states if not s.on_host)
         return out
 
-    key = tensors_key(spec, inventories, get_method(spec.method), "states", spec.optimizer, spec.momentum)
-    return _kept(_TENSORS, key, tuple(inventories.values()), make)
+    return kept_for_tensors(spec, inventories, make, "states", spec.optimizer, spec.momentum)
 
 
 def _adapted_graph(spec: TrainingSpec, inventories: dict, method, component: str, variant: str, env: dict):

@@ -19,7 +19,7 @@ from math import prod
 
 from vramplan.footprint import Category
 from vramplan.methods import get_method
-from vramplan.models.inventory import Inventory
+from vramplan.models.inventory import Inventory, kept_per_inventory
 from vramplan.precision import ITEMSIZE, frozen_dtype, trainable_dtype, vae_dtype
 from vramplan.spec import BaseQuant, TrainingSpec
 
@@ -81,28 +81,19 @@ def weight_tensors(spec: TrainingSpec, inventories: dict[str, Inventory]) -> lis
 def _component_weights(inv: Inventory, component: str, dtype: str, whole: bool, quant: BaseQuant) -> tuple:
     """One component's parameters and buffers on the card (kept: fit's candidates differ in
     rank, optimizer or caching far more often than in these)."""
-    key = (id(inv), component, dtype, whole, quant)
-    known = _COMPONENT_WEIGHTS.get(key)
-    if known is not None and known[0] is inv:
-        return known[1]
-    out = []
-    quantize = {m.name + ".weight" for m in inv.linears()} if quant is not BaseQuant.NONE else set()
-    for name, shape in inv.params:
-        if name in quantize:
-            for k, nbytes in enumerate(quantized_bytes(tuple(shape), quant)):
-                out.append(Tensor(f"{component}.{name}#{k}", nbytes, Category.FROZEN_WEIGHTS, component))
-        else:
-            out.append(Tensor(f"{component}.{name}", prod(shape) * ITEMSIZE[dtype],
-                              Category.TRAINABLE_WEIGHTS if whole else Category.FROZEN_WEIGHTS, component))
-    for buf in inv.buffers:
-        itemsize = ITEMSIZE[dtype] if buf.dtype in ("float32", "float16", "bfloat16") else buf.bytes // max(buf.numel, 1)
-        out.append(Tensor(f"{component}.{buf.name}", buf.numel * itemsize, Category.BUFFERS, component))
-    if len(_COMPONENT_WEIGHTS) >= 64:
-        _COMPONENT_WEIGHTS.clear()
-    _COMPONENT_WEIGHTS[key] = (inv, tuple(out))
-    return _COMPONENT_WEIGHTS[key][1]
+    def make() -> tuple:
+        out = []
+        quantize = {m.name + ".weight" for m in inv.linears()} if quant is not BaseQuant.NONE else set()
+        for name, shape in inv.params:
+            if name in quantize:
+                for k, nbytes in enumerate(quantized_bytes(tuple(shape), quant)):
+                    out.append(Tensor(f"{component}.{name}#{k}", nbytes, Category.FROZEN_WEIGHTS, component))
+            else:
+                out.append(Tensor(f"{component}.{name}", prod(shape) * ITEMSIZE[dtype],
+                                  Category.TRAINABLE_WEIGHTS if whole else Category.FROZEN_WEIGHTS, component))
+        for buf in inv.buffers:
+            itemsize = ITEMSIZE[dtype] if buf.dtype in ("float32", "float16", "bfloat16") else buf.bytes // max(buf.numel, 1)
+            out.append(Tensor(f"{component}.{buf.name}", buf.numel * itemsize, Category.BUFFERS, component))
+        return tuple(out)
 
-
-# (id(inventory), component, dtype, trained whole, quantization) -> (the inventory, its tensors);
-# the inventory is held so that its id is not reused
-_COMPONENT_WEIGHTS: dict = {}
+    return kept_per_inventory(inv, ("weights", component, dtype, whole, quant), make)

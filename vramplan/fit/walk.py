@@ -200,10 +200,8 @@ class PerGpuShare:
                 "model_states": dict(self.model_states), "rules": list(self.rules)}
 
 
-# One GPU's records of the last spec whose device floor was taken, for its estimate to follow,
-# and (those records, their `footprint_build.Prepared`).
+# One GPU's records of the last spec whose device floor was taken, for its estimate to follow.
 _PER_GPU: list = []
-_PER_GPU_PREPARED: list = []
 
 
 def _per_gpu_records(spec: TrainingSpec, keep: bool = False):
@@ -228,10 +226,8 @@ def per_gpu_estimate(spec: TrainingSpec) -> Estimate:
     from vramplan.footprint_build import build_footprint
 
     rw, states, host, rules = _per_gpu_records(spec)
-    prepared = next((p for known, p in _PER_GPU_PREPARED if known is rw), None)
-    _PER_GPU_PREPARED.clear()
     footprint, _, notes = build_footprint(rw.records, rw.phases, spec.gpu, "estimate", spec.gradient_checkpointing,
-                                          prepared=prepared)
+                                          prepared=rw.prepared)
     return Estimate(spec=spec, parameters={}, footprint=footprint, notes=tuple(notes),
                     distributed=PerGpuShare(host, states, tuple(rules)))
 
@@ -285,10 +281,7 @@ def device_floor(spec: TrainingSpec) -> int:
         timeline = build_timeline(spec, load_model_inventories(spec.model), hand_on=True)
         records, phases, last_event = timeline.clock.records, timeline.clock.phases, timeline.clock.now
     prepared = prepare(records, phases, spec.gpu, spec.gradient_checkpointing)
-    if spec.is_distributed:
-        _PER_GPU_PREPARED[:] = [(rw, prepared)]
-    else:
-        timeline.prepared = prepared
+    (rw if spec.is_distributed else timeline).prepared = prepared
     if last_event is not None:
         last_event = max([last_event] + [e for _, e in phases])
     return peak_live_bytes(records, prepared.workspaces, last_event, prepared.columns) + cuda_context_bytes(spec.gpu)

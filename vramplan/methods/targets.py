@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 
-from vramplan.models.inventory import Inventory, ModuleEntry
+from vramplan.models.inventory import Inventory, ModuleEntry, kept_per_inventory
 from vramplan.spec import LoraTargets, TrainingSpec
 
 UNET_ATTN = ("to_q", "to_k", "to_v", "to_out.0")
@@ -65,17 +65,10 @@ def denoiser_targets(spec: TrainingSpec, inventory: Inventory) -> list[ModuleEnt
     """The denoiser modules `spec.lora_targets` selects, in the inventory's (module) order (a new
     list each call; the selection over an inventory's thousand-odd modules is made once)."""
     targets = spec.lora_targets or LoraTargets.ATTN
-    key = (id(inventory), targets, spec.model.family)
-    known = _SELECTED.get(key)
-    if known is None or known[0] is not inventory:
-        select = _SELECT[targets]
-        known = _SELECTED[key] = (inventory, tuple(m for m in inventory.modules if select(m, spec.model.family)))
-    return list(known[1])
-
-
-# (id(inventory), targets, family) -> (the inventory, its selected modules); the inventory is
-# held so that its id is not reused. fit asks once per candidate it counts.
-_SELECTED: dict = {}
+    family = spec.model.family
+    select = _SELECT[targets]
+    return list(kept_per_inventory(inventory, ("targets", targets, family),
+                                   lambda: tuple(m for m in inventory.modules if select(m, family))))
 
 
 def text_encoder_targets(inventory: Inventory) -> list[ModuleEntry]:

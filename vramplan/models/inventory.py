@@ -157,6 +157,25 @@ class Inventory:
         return sum(numel(shape) for name, shape in self.params if name.startswith(prefix))
 
 
+def kept_per_inventory(inventory: Inventory, key: tuple, make):
+    """`make()`, kept for this inventory object and `key`: what a caller derives from an inventory
+    alone (its weights in a dtype, its adapter targets), which fit asks for once per candidate.
+    Keyed by identity (an inventory is immutable but unhashable: its config is a dict) and holding
+    the inventory, so that its id is not reused while kept."""
+    whole = (id(inventory),) + key
+    known = _PER_INVENTORY.get(whole)
+    if known is not None and known[0] is inventory:
+        return known[1]
+    value = make()
+    if len(_PER_INVENTORY) >= 256:
+        _PER_INVENTORY.clear()
+    _PER_INVENTORY[whole] = (inventory, value)
+    return value
+
+
+_PER_INVENTORY: dict = {}
+
+
 def _tuple(value):
     return None if value is None else tuple(value)
 
