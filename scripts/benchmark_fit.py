@@ -100,6 +100,7 @@ PARTS = [
     ("vramplan.estimate.step", "_adapted_graph", "adapters spliced into graphs"),
     ("vramplan.estimate.step", "_build_timeline", "records of the step (the rest of it)"),
     ("vramplan.native", "Columns.__init__", "records handed to C"),
+    ("vramplan.estimate.record_log", "RecordLog.columns", "records handed to C"),
     ("vramplan.footprint_build", "replay_allocator", "allocator replay"),
     ("vramplan.footprint_build", "analyse", "peak, phases, composition"),
     ("vramplan.fit.walk", "peak_live_bytes", "live-bytes peak (lower bound)"),

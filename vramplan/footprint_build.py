@@ -36,21 +36,29 @@ def workspace_records(records: list, phases: list, gpu: Gpu | None, checkpointin
     after = next((e for name, e in phases if backward is not None and e > backward), None)
     forward = next((e for name, e in phases if name == "forward"), None)
     limit = backward if backward is not None else float("inf")
-    main = next((r.alloc_at for r in records if r.op in MATMULS), None)
+    main = first_alloc(records, MATMULS)
     main = main if main is not None and main < limit else forward
-    lt_main = next((r.alloc_at for r in records if r.op in ADDMMS), None)
+    lt_main = first_alloc(records, ADDMMS)
     lt_main = lt_main if lt_main is not None and lt_main < limit else None
     lt_backward = None
     if checkpointing and backward is not None:
-        end = after if after is not None else float("inf")
-        lt_backward = next((r.alloc_at for r in records
-                            if backward <= r.alloc_at < end and r.op in ADDMMS), None)
+        lt_backward = first_alloc(records, ADDMMS, backward, after)
     cublas = cublas_workspace_bytes(gpu)
     out = [Record(cublas, at, None, Category.WORKSPACES, "workspace", op="cuBLAS workspace")
            for at in (main, backward) if at is not None][:CUBLAS_THREADS]
     out += [Record(CUBLASLT_WORKSPACE_BYTES, at, None, Category.WORKSPACES, "workspace", op="cuBLASLt workspace")
             for at in (lt_main, lt_backward) if at is not None]
     return out
+
+
+def first_alloc(records, ops: frozenset, lo: int | None = None, hi: int | None = None) -> int | None:
+    """The allocation event of the first record (in record order) whose op is in `ops`,
+    allocated in [lo, hi) (None: unbounded). A step's `RecordLog` finds it run by run."""
+    find = getattr(records, "first_alloc", None)
+    if find is not None:
+        return find(ops, lo, hi)
+    return next((r.alloc_at for r in records if r.op in ops and (lo is None or lo <= r.alloc_at)
+                 and (hi is None or r.alloc_at < hi)), None)
 
 
 def add_workspaces(records: list, phases: list, gpu: Gpu | None, checkpointing: bool = False) -> None:

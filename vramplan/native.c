@@ -343,3 +343,14 @@ void vp_compositions(int64_t n, const int64_t *nbytes, const int64_t *alloc_at, 
         }
     }
 }
+
+/* record_log.Shifted: rows placed on a clock. out_alloc = alloc_at + offset; out_free = free_at +
+   offset, or NEVER where the row is never freed or (has_limit) freed after `limit`. */
+void vp_shift(int64_t n, const int64_t *alloc_at, const int64_t *free_at, int64_t offset, int64_t has_limit,
+              int64_t limit, int64_t *out_alloc, int64_t *out_free) {
+    for (int64_t i = 0; i < n; i++) {
+        int64_t f = free_at[i];
+        out_alloc[i] = alloc_at[i] + offset;
+        out_free[i] = (f == NEVER || (has_limit && f > limit)) ? NEVER : f + offset;
+    }
+}

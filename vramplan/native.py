@@ -88,6 +88,8 @@ def library():
                 lib.vp_compositions.argtypes = [ctypes.c_int64, p, p, p, p, ctypes.c_int64, p, ctypes.c_int64,
                                                 p, p]
                 lib.vp_compositions.restype = None
+                lib.vp_shift.argtypes = [ctypes.c_int64, p, p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, p, p]
+                lib.vp_shift.restype = None
         except (OSError, AttributeError):
             lib = None
     _STATE["lib"] = lib
@@ -106,24 +108,43 @@ class Columns:
     """A list of records as C arrays (bytes, allocation and free events, NEVER: never freed),
     built once and read by every function below."""
 
-    __slots__ = ("records", "n", "nbytes", "alloc_at", "free_at", "_codes")
+    __slots__ = ("_records", "n", "nbytes", "alloc_at", "free_at", "_codes")
 
     def __init__(self, records, extra=()):
-        self.records = records
+        self._records = records
         self.nbytes = array("q", [r.nbytes for r in records])
         self.alloc_at = array("q", [r.alloc_at for r in records])
         self.free_at = array("q", [NEVER if r.free_at is None else r.free_at for r in records])
         if extra:
-            self.records = list(records) + list(extra)
+            self._records = list(records) + list(extra)
             self.nbytes.extend(r.nbytes for r in extra)
             self.alloc_at.extend(r.alloc_at for r in extra)
             self.free_at.extend(NEVER if r.free_at is None else r.free_at for r in extra)
         self.n = len(self.nbytes)
         self._codes = None
 
+    @classmethod
+    def of_arrays(cls, nbytes: array, alloc_at: array, free_at: array, codes: tuple, records) -> "Columns":
+        """Columns made elsewhere (`RecordLog.columns`): `codes` is (default, codes, kinds) as
+        `codes(default)` returns them; `records()` gives the records, for any other default."""
+        self = cls.__new__(cls)
+        self._records = records
+        self.nbytes, self.alloc_at, self.free_at, self.n = nbytes, alloc_at, free_at, len(nbytes)
+        self._codes = codes
+        return self
+
+    @property
+    def records(self):
+        if callable(self._records):
+            self._records = self._records()
+        return self._records
+
     def codes(self, default) -> tuple[array, list]:
         """Each record's category as a code, and the categories by code: the members of
         `default`'s enum (a record without one counts as `default`)."""
+        if self._codes is not None and len(self._codes) == 3:
+            made_for, codes, kinds = self._codes
+            self._codes = (codes, kinds) if made_for is default else None
         if self._codes is None:
             kinds = list(type(default))
             index = {kind: i for i, kind in enumerate(kinds)}
@@ -141,8 +162,24 @@ class Columns:
 
 
 def columns(records, extra=()) -> Columns | None:
-    """The records as C arrays, or None when the library is not available."""
-    return Columns(records, extra) if library() is not None else None
+    """The records as C arrays, or None when the library is not available. A record log
+    (`vramplan.estimate.record_log.RecordLog`) makes them itself, run by run."""
+    if library() is None:
+        return None
+    made = getattr(records, "columns", None)
+    return made(extra) if made is not None else Columns(records, extra)
+
+
+def shift(alloc_at: array, free_at: array, offset: int, limit: int | None, out_alloc: array, out_free: array,
+          position: int) -> None:
+    """Rows placed on a clock, into out_*[position:]: alloc_at + offset; free_at + offset, or
+    NEVER where never freed or freed after `limit` (None: no limit)."""
+    n = len(alloc_at)
+    if position + n > len(out_alloc) or position + n > len(out_free):
+        raise IndexError("shift: the output arrays are too short")
+    library().vp_shift(n, _address(alloc_at), _address(free_at), offset, int(limit is not None),
+                       0 if limit is None else limit, _address(out_alloc) + 8 * position,
+                       _address(out_free) + 8 * position)
 
 
 def _address(column: array) -> int:

@@ -153,7 +153,7 @@ def per_gpu_records(spec: TrainingSpec, inventories: dict, rank: int = 0):
             timeline = build_timeline(graph_spec(spec), inventories)
     else:
         timeline = build_timeline(graph_spec(spec), inventories)
-    rw = Rewriter(timeline.clock.records, timeline.clock.phases, timeline.clock.now)
+    rw = Rewriter(timeline.records, timeline.clock.phases, timeline.clock.now)
     components = tuple(trained)
     world = spec.num_gpus
     gpus_per_node = spec.num_gpus
@@ -224,10 +224,10 @@ def estimate_distributed(spec: TrainingSpec, rank: int = 0) -> Estimate:
     footprint, analysis, notes = build_footprint(rw.records, rw.phases, spec.gpu, "estimate",
                                                  spec.gradient_checkpointing)
     single = build_timeline(single_gpu_spec(spec), inventories)
-    add_workspaces(single.clock.records, single.clock.phases, spec.gpu, spec.gradient_checkpointing)
+    add_workspaces(single.records, single.clock.phases, spec.gpu, spec.gradient_checkpointing)
     # counted as the one-GPU estimate counts it: whole blocks, as max_memory_allocated does (the
     # allocator's peak is never below the tensors', each block holding one rounded-up tensor)
-    single_peak = replay_allocator(single.clock.records).peak_allocated
+    single_peak = replay_allocator(single.records).peak_allocated
     saved = None
     if spec.offload is not Offload.NONE:
         plain, *_ = per_gpu_records(spec.replace(offload=Offload.NONE), inventories, rank)

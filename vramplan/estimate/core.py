@@ -28,7 +28,7 @@ def run_estimate(spec: TrainingSpec) -> Estimate:
     inventories = load_model_inventories(spec.model)
     method = get_method(spec.method)
     timeline = build_timeline(spec, inventories)
-    footprint, _, notes = build_footprint(timeline.clock.records, timeline.clock.phases, spec.gpu, "estimate",
+    footprint, _, notes = build_footprint(timeline.records, timeline.clock.phases, spec.gpu, "estimate",
                                          spec.gradient_checkpointing, prepared=timeline.prepared)
     if timeline.unknown_ops:
         notes.append("ops without an autograd rule (counted as saving all inputs): "

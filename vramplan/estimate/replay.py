@@ -18,6 +18,7 @@ from typing import Callable
 
 from vramplan.estimate.autograd_rules import ANY, Rule, function_saves, rule_for
 from vramplan.estimate.concrete import Concrete
+from vramplan.estimate.record_log import RecordLog
 from vramplan.estimate.conv_workspaces import backward_kind, conv_key, workspace_bytes
 from vramplan.footprint import Category
 from vramplan.timeline import Record
@@ -38,8 +39,36 @@ class Clock:
 
     def __init__(self):
         self.now = 0
-        self.records: list[Record] = []
+        self.open: list[Record] = []     # records made one by one since the last run was placed
+        self.runs: list = []             # the runs before it: lists of Records, record_log.Shifted
         self.phases: list[tuple[str, int]] = []
+
+    @property
+    def records(self) -> RecordLog:
+        """Every record so far, in order (a `RecordLog` over the runs: read, do not keep)."""
+        return RecordLog(self.runs + [self.open])
+
+    def count(self) -> int:
+        return sum(len(run) for run in self.runs) + len(self.open)
+
+    def place(self, run) -> None:
+        """Append a run of records (a `record_log.Shifted`) after those made so far."""
+        if self.open:
+            self.runs.append(self.open)
+            self.open = []
+        self.runs.append(run)
+
+    def pieces(self, lo: int, hi: int) -> list:
+        """The records lo..hi-1 (positions in record order) as the runs' parts that hold them:
+        lists of Records, and `Shifted` parts."""
+        out, position = [], 0
+        for run in self.runs + [self.open]:
+            k = len(run)
+            a, b = max(lo - position, 0), min(hi - position, k)
+            if a < b:
+                out.append(run[a:b] if isinstance(run, list) else run.part(a, b))
+            position += k
+        return out
 
     def tick(self) -> int:
         self.now += 1
@@ -49,7 +78,7 @@ class Clock:
         # cuda_rounded and tick, inlined: this runs for every allocation of the step
         self.now = now = self.now + 1
         rec = Record(-(-nbytes // 512) * 512, now, None, category, phase, module, op)
-        self.records.append(rec)
+        self.open.append(rec)
         return rec
 
     def free(self, rec: Record) -> None:

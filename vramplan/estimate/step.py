@@ -24,6 +24,7 @@ from vramplan.estimate.optimizer import optimizer_state_tensors
 from vramplan.estimate.optimizer_step import clip_scalars, step_transients
 from vramplan.estimate.adapters import adapted, readapted
 from vramplan.estimate.concrete import concretize
+from vramplan.estimate.record_log import RecordLog, Rows, Shifted
 from vramplan.estimate.replay import Clock, Replayed, ReplayOptions, Replayer
 from vramplan.estimate.traces import attention_name, graph_for
 from vramplan.estimate.weights import resident_components, weight_tensors
@@ -44,6 +45,14 @@ class StepTimeline:
     saved_by_module: dict = field(default_factory=dict)
     unknown_ops: set = field(default_factory=set)
     prepared: object = None     # footprint_build.Prepared of these records, made by fit's lower bound
+    log: RecordLog | None = None
+
+    @property
+    def records(self) -> RecordLog:
+        """The step's records, in order (made into Record objects only if iterated)."""
+        if self.log is None:
+            self.log = self.clock.records
+        return self.log
 
 
 def _sizes(spec: TrainingSpec) -> dict:
@@ -82,8 +91,10 @@ def build_timeline(spec: TrainingSpec, inventories: dict, *, hand_on: bool = Fal
 def _sharing_records(timeline: StepTimeline) -> StepTimeline:
     """A timeline of its own (lists, notes, sets) over the same records."""
     clock = Clock()
-    clock.records, clock.phases, clock.now = list(timeline.clock.records), list(timeline.clock.phases), timeline.clock.now
-    return StepTimeline(clock, list(timeline.notes), dict(timeline.saved_by_module), set(timeline.unknown_ops))
+    log = timeline.records.fork()
+    clock.runs, clock.phases, clock.now = list(log.runs), list(timeline.clock.phases), timeline.clock.now
+    return StepTimeline(clock, list(timeline.notes), dict(timeline.saved_by_module), set(timeline.unknown_ops),
+                        log=log)
 
 
 def _build_timeline(spec: TrainingSpec, inventories: dict) -> StepTimeline:
@@ -115,9 +126,9 @@ def _build_timeline(spec: TrainingSpec, inventories: dict) -> StepTimeline:
             micro_prefix = prefix + (f"micro {micro + 1} " if micro else "")
             if first is None:
                 window_start = clock.now + 1
-                records_before, phases_before = len(clock.records), len(clock.phases)
+                records_before, phases_before = clock.count(), len(clock.phases)
                 step_grads, step_batch = _one_step(spec, inventories, trained, resident, clock, prefix, out)
-                first = (window_start, clock.now, records_before, len(clock.records), phases_before, step_grads,
+                first = (window_start, clock.now, records_before, clock.count(), phases_before, step_grads,
                          step_batch)
             else:
                 # every later (micro-)step allocates what the first did, in the same order
@@ -159,17 +170,23 @@ def _build_timeline(spec: TrainingSpec, inventories: dict) -> StepTimeline:
 
 def _repeat_step(clock: Clock, start: int, end: int, first_record: int, last_record: int, phases_before: int,
                  grads: list, batch: list, prefix: str) -> tuple[list, list]:
-    """Copy the records of events start..end (encode to backward of the first step) to now.
-    Records are appended in event order, so those are records[first_record:last_record]."""
+    """Copy the records of events start..end (encode to backward of the first step) to now: what
+    the first step frees after `end` is live at the end of the copy (the caller frees it).
+    Records are appended in event order, so those are records[first_record:last_record]; runs
+    placed whole (`record_log.Shifted`) are copied as runs, their handles as Records."""
     offset = clock.now + 1 - start
-    window = clock.records[first_record:last_record]
-    names = {phase: prefix + phase for phase in {r.phase for r in window}}
-    copies = [Record(r.nbytes, r.alloc_at + offset,
-                     None if r.free_at is None or r.free_at > end else r.free_at + offset,
-                     r.category, names[r.phase], r.module, r.op, r.saved) for r in window]
-    clock.records.extend(copies)
     wanted = {id(r) for r in grads} | {id(r) for r in batch}
-    copy_of = {id(r): copy for r, copy in zip(window, copies) if id(r) in wanted}
+    copy_of = {}
+    for piece in clock.pieces(first_record, last_record):
+        if not isinstance(piece, list):
+            clock.place(piece.copied(offset, end, prefix, copy_of))
+            continue
+        names = {phase: prefix + phase for phase in {r.phase for r in piece}}
+        copies = [Record(r.nbytes, r.alloc_at + offset,
+                         None if r.free_at is None or r.free_at > end else r.free_at + offset,
+                         r.category, names[r.phase], r.module, r.op, r.saved) for r in piece]
+        clock.open.extend(copies)
+        copy_of.update((id(r), copy) for r, copy in zip(piece, copies) if id(r) in wanted)
     for name, event in clock.phases[phases_before:]:
         if start <= event <= end + 1 and not name.endswith("optimizer"):
             clock.phases.append((prefix + name, event + offset))
@@ -447,9 +464,10 @@ class _Window:
     """What one replay did to the clock, relative to the event before it: its records as
     (nbytes, alloc_at, free_at or None, category, phase, module, op, saved) when it ended (those
     still live are freed later by the caller, through the result's handles), the phases it began,
-    the events it took, and its result with rows in place of records."""
+    the events it took, and its result with rows in place of records. Re-applied, it is placed
+    on the clock as one run (`record_log.Shifted`): Record objects only for the handles."""
     pins: tuple                  # the objects whose identity the key holds
-    rows: tuple
+    rows: Rows
     phases: tuple
     length: int
     unknown_ops: frozenset
@@ -459,14 +477,14 @@ class _Window:
 
     def apply(self, clock: Clock) -> Replayed:
         base = clock.now
-        records = [Record(n, a + base, None if f is None else f + base, c, p, m, o, s)
-                   for n, a, f, c, p, m, o, s in self.rows]
-        clock.records.extend(records)
+        run = Shifted(self.rows, base)
+        run.handles = {i: run.record(i) for _, i in self.param_grads + self.input_grads}
+        clock.place(run)
         clock.phases.extend((name, event + base) for name, event in self.phases)
         clock.now = base + self.length
         return Replayed(unknown_ops=set(self.unknown_ops), saved_by_module=dict(self.saved_by_module),
-                        param_grads={name: records[i] for name, i in self.param_grads},
-                        input_grads={role: records[i] for role, i in self.input_grads})
+                        param_grads={name: run.handles[i] for name, i in self.param_grads},
+                        input_grads={role: run.handles[i] for role, i in self.input_grads})
 
 
 def _replayed(clock: Clock, key: tuple | None, inventories: dict | None, replay) -> Replayed:
@@ -477,21 +495,25 @@ def _replayed(clock: Clock, key: tuple | None, inventories: dict | None, replay)
     window = _WINDOWS.get(key)
     if window is not None and _same(window.pins, pins):
         return window.apply(clock)
-    base, first, first_phase = clock.now, len(clock.records), len(clock.phases)
-    before = [(r.free_at, r.category, r.saved) for r in clock.records]
+    base, first, first_phase, open_run = clock.now, len(clock.open), len(clock.phases), clock.open
+    earlier = list(clock.records.visible())       # what a replay could reach: the rest are rows
+    before = [(r.free_at, r.category, r.saved) for r in earlier]
     result = replay()
-    records = clock.records[first:]
+    records = clock.open[first:]
     row_of = {id(r): i for i, r in enumerate(records)}
     handles = list(result.param_grads.values()) + list(result.input_grads.values())
-    if (any(id(r) not in row_of for r in handles) or len(clock.records) < first
-            or any((r.free_at, r.category, r.saved) != b for r, b in zip(clock.records, before))):
+    if (clock.open is not open_run or any(id(r) not in row_of for r in handles) or len(clock.open) < first
+            or any((r.free_at, r.category, r.saved) != b for r, b in zip(earlier, before))):
         return result   # it touched records it did not make: not a window to re-apply elsewhere
-    rows = tuple((r.nbytes, r.alloc_at - base, None if r.free_at is None else r.free_at - base, r.category,
-                  r.phase, r.module, r.op, r.saved) for r in records)
-    _WINDOWS.put(key, _Window(
+    rows = Rows.of(records, base)
+    window = _Window(
         pins=pins, rows=rows, phases=tuple((name, event - base) for name, event in clock.phases[first_phase:]),
         length=clock.now - base, unknown_ops=frozenset(result.unknown_ops),
         saved_by_module=tuple(result.saved_by_module.items()),
         param_grads=tuple((name, row_of[id(r)]) for name, r in result.param_grads.items()),
-        input_grads=tuple((role, row_of[id(r)]) for role, r in result.input_grads.items())))
+        input_grads=tuple((role, row_of[id(r)]) for role, r in result.input_grads.items()))
+    _WINDOWS.put(key, window)
+    # the replay's records become the window's run, as a re-applied one is: one shape for both
+    del clock.open[first:]
+    clock.place(Shifted(rows, base, handles={i: records[i] for _, i in window.param_grads + window.input_grads}))
     return result

@@ -279,7 +279,7 @@ def device_floor(spec: TrainingSpec) -> int:
         records, phases, last_event = rw.records, rw.phases, None
     else:
         timeline = build_timeline(spec, load_model_inventories(spec.model), hand_on=True)
-        records, phases, last_event = timeline.clock.records, timeline.clock.phases, timeline.clock.now
+        records, phases, last_event = timeline.records, timeline.clock.phases, timeline.clock.now
     prepared = prepare(records, phases, spec.gpu, spec.gradient_checkpointing)
     (rw if spec.is_distributed else timeline).prepared = prepared
     if last_event is not None:

@@ -211,7 +211,7 @@ def _predict_cpu(spec, source: str) -> Prediction:
         from vramplan.models.inventory import load_model_inventories
 
         timeline = build_timeline(spec, load_model_inventories(spec.model))
-        records, phases = timeline.clock.records, timeline.clock.phases
+        records, phases = timeline.records, timeline.clock.phases
     else:
         from vramplan.simulate.run import simulate
 

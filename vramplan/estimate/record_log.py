@@ -1,0 +1,236 @@
+"""A step's records as runs: records made one by one, and re-applied windows kept as columns.
+
+Why: fit builds the step of every candidate it looks at, and most of an SDXL step (some 50 000
+of its 57 000 records) is windows re-applied at another clock (`step._Window`) and the second
+step copied from the first. Making those into `Record` objects and then into C arrays took about
+45 ms per candidate, more than everything else a candidate's step needs once its replays are
+kept. Here a re-applied run is its rows (`Rows`, made once per window) and where they go
+(`Shifted`: an offset, a free limit, a phase prefix): the C arrays of a step are shifted copies
+of the rows' arrays (`vramplan.native`), and `Record` objects are made only for a reader that
+iterates (the distributed rewrite, validate, the Python versions where C is not built). Either
+way a reader sees the same records, in the same order, as if each had been made one by one.
+"""
+
+from __future__ import annotations
+
+from array import array
+from itertools import chain
+
+from vramplan.footprint import Category
+from vramplan.timeline import Record
+
+NEVER = -(1 << 63)      # native.NEVER: the free event of a record never freed
+KINDS = list(Category)  # category codes, as `native.Columns.codes(Category.TEMPORARIES)` numbers them
+_CODE = {kind: i for i, kind in enumerate(KINDS)}
+_CODE[None] = _CODE[Category.TEMPORARIES]
+
+
+class Rows:
+    """Records relative to an event, as tuples (nbytes, alloc_at, free_at or None, category,
+    phase, module, op, saved) in record order, with their columns made on first use."""
+
+    __slots__ = ("rows", "n", "_columns", "_ops")
+
+    def __init__(self, rows: tuple):
+        self.rows = rows
+        self.n = len(rows)
+        self._columns = None
+        self._ops: dict = {}
+
+    @classmethod
+    def of(cls, records, base: int = 0) -> "Rows":
+        return cls(tuple((r.nbytes, r.alloc_at - base, None if r.free_at is None else r.free_at - base,
+                          r.category, r.phase, r.module, r.op, r.saved) for r in records))
+
+    def columns(self) -> tuple | None:
+        """(nbytes, alloc_at, free_at with NEVER, category codes) as arrays; None when a row's
+        category is not a `Category` (then readers take the records)."""
+        if self._columns is None:
+            rows = self.rows
+            try:
+                codes = array("q", [_CODE[r[3]] for r in rows])
+            except KeyError:
+                codes = None
+            self._columns = (array("q", [r[0] for r in rows]), array("q", [r[1] for r in rows]),
+                             array("q", [NEVER if r[2] is None else r[2] for r in rows]), codes)
+        return self._columns if self._columns[3] is not None else None
+
+    def allocs_of(self, ops: frozenset) -> list:
+        """(row, alloc_at) of the rows whose op is in `ops`, in row order."""
+        found = self._ops.get(ops)
+        if found is None:
+            found = self._ops[ops] = [(i, r[1]) for i, r in enumerate(self.rows) if r[6] in ops]
+        return found
+
+
+class Shifted:
+    """`rows` placed on a clock: events + `offset`; a row freed after `limit` (relative; None: no
+    limit) is live at the end, as a copied step leaves what the first one freed later; phases
+    with `prefix`. `handles`: {row: Record} for the rows the step still frees or changes after
+    placing them (gradients, inputs, the batch): those Record objects are the rows' records."""
+
+    __slots__ = ("rows", "offset", "limit", "prefix", "handles", "_records")
+
+    def __init__(self, rows: Rows, offset: int, limit: int | None = None, prefix: str = "",
+                 handles: dict | None = None):
+        self.rows, self.offset, self.limit, self.prefix = rows, offset, limit, prefix
+        self.handles = handles or {}
+        self._records = None
+
+    def __len__(self) -> int:
+        return self.rows.n
+
+    def record(self, i: int) -> Record:
+        """Row i as a fresh Record (what the run holds there, handles aside)."""
+        n, a, f, c, p, m, o, s = self.rows.rows[i]
+        off, limit = self.offset, self.limit
+        free = None if f is None or (limit is not None and f > limit) else f + off
+        return Record(n, a + off, free, c, self.prefix + p, m, o, s)
+
+    def records(self) -> list:
+        """The run as Record objects (made once; the handles are themselves)."""
+        if self._records is None:
+            off, limit, prefix = self.offset, self.limit, self.prefix
+            names = {}
+            out = []
+            append = out.append
+            for n, a, f, c, p, m, o, s in self.rows.rows:
+                name = names.get(p)
+                if name is None:
+                    name = names[p] = prefix + p
+                append(Record(n, a + off, None if f is None or (limit is not None and f > limit) else f + off,
+                              c, name, m, o, s))
+            for i, rec in self.handles.items():
+                out[i] = rec
+            self._records = out
+        return self._records
+
+    def part(self, lo: int, hi: int) -> "Shifted":
+        """Rows lo..hi-1 alone (a copied range that cuts this run)."""
+        if lo == 0 and hi == self.rows.n:
+            return self
+        return Shifted(Rows(self.rows.rows[lo:hi]), self.offset, self.limit, self.prefix,
+                       {i - lo: rec for i, rec in self.handles.items() if lo <= i < hi})
+
+    def copied(self, offset: int, end: int, prefix: str, copies: dict) -> "Shifted":
+        """This run copied `offset` events later, what it frees after absolute event `end` left
+        live, phases with `prefix` in front (`step._repeat_step`'s rule for every record).
+        Handles are copied as Records (their values now); `copies`: id(handle) -> its copy."""
+        limit = end - self.offset
+        if self.limit is not None:
+            limit = min(limit, self.limit)
+        handles = {}
+        for i, r in self.handles.items():
+            copy = Record(r.nbytes, r.alloc_at + offset,
+                          None if r.free_at is None or r.free_at > end else r.free_at + offset,
+                          r.category, prefix + r.phase, r.module, r.op, r.saved)
+            handles[i] = copies[id(r)] = copy
+        return Shifted(self.rows, self.offset + offset, limit, prefix + self.prefix, handles)
+
+
+class RecordLog:
+    """A step's records: runs (lists of Records, or `Shifted`) in order, and a tail that readers
+    may extend (workspaces). Iterates, indexes and counts like the list of all records; its C
+    arrays are made from the runs (`columns`) without making records."""
+
+    def __init__(self, runs: list):
+        self.runs = runs
+        self.tail: list = []
+        self._flat = None
+
+    def fork(self) -> "RecordLog":
+        """The same records (the runs shared, read-only) with a tail of its own."""
+        return RecordLog(self.runs)
+
+    def _list(self) -> list:
+        if self._flat is None:
+            self._flat = list(chain.from_iterable(r if isinstance(r, list) else r.records() for r in self.runs))
+            self._flat.extend(self.tail)
+        return self._flat
+
+    def __iter__(self):
+        return iter(self._list())
+
+    def __len__(self) -> int:
+        return sum(len(r) for r in self.runs) + len(self.tail)
+
+    def __getitem__(self, index):
+        return self._list()[index]
+
+    def append(self, record: Record) -> None:
+        self.extend([record])
+
+    def extend(self, records) -> None:
+        records = list(records)
+        self.tail.extend(records)
+        if self._flat is not None:
+            self._flat.extend(records)
+
+    def visible(self):
+        """The Record objects the runs hold now (lists and handles): all a replay could reach."""
+        for run in self.runs:
+            if isinstance(run, list):
+                yield from run
+            else:
+                yield from run.handles.values()
+        yield from self.tail
+
+    def first_alloc(self, ops: frozenset, lo: int | None = None, hi: int | None = None) -> int | None:
+        """The allocation event of the first record, in record order, whose op is in `ops` and
+        whose allocation is in [lo, hi) (None: unbounded)."""
+        def wanted(at):
+            return (lo is None or lo <= at) and (hi is None or at < hi)
+
+        for run in chain(self.runs, [self.tail]):
+            if isinstance(run, list):
+                found = next((r.alloc_at for r in run if r.op in ops and wanted(r.alloc_at)), None)
+            else:
+                off = run.offset
+                found = next((a + off for _, a in run.rows.allocs_of(ops) if wanted(a + off)), None)
+            if found is not None:
+                return found
+        return None
+
+    def columns(self, extra=()):
+        """The records and `extra` as `native.Columns`, made run by run (None without the C
+        library)."""
+        from vramplan import native
+
+        lib = native.library()
+        if lib is None:
+            return None
+        runs = self.runs + [self.tail, list(extra)]
+        if any(not isinstance(r, list) and r.rows.columns() is None for r in runs):
+            return native.Columns(list(self), extra)      # a category from outside the enum
+        total = sum(len(r) for r in runs)
+        nbytes, codes = array("q"), array("q")
+        alloc_at, free_at = array("q", bytes(8 * total)), array("q", bytes(8 * total))
+        position = 0
+        for run in runs:
+            k = len(run)
+            if not k:
+                continue
+            if isinstance(run, list):
+                nbytes.extend([r.nbytes for r in run])
+                alloc_at[position:position + k] = array("q", [r.alloc_at for r in run])
+                free_at[position:position + k] = array("q", [NEVER if r.free_at is None else r.free_at for r in run])
+                try:
+                    codes.extend([_CODE[r.category] for r in run])
+                except KeyError:
+                    return native.Columns(list(self), extra)
+            else:
+                n_col, a_col, f_col, c_col = run.rows.columns()
+                nbytes.extend(n_col)
+                codes.extend(c_col)
+                native.shift(a_col, f_col, run.offset, run.limit, alloc_at, free_at, position)
+                for i, r in run.handles.items():
+                    j = position + i
+                    nbytes[j], alloc_at[j] = r.nbytes, r.alloc_at
+                    free_at[j] = NEVER if r.free_at is None else r.free_at
+                    try:
+                        codes[j] = _CODE[r.category]
+                    except KeyError:
+                        return native.Columns(list(self), extra)
+            position += k
+        return native.Columns.of_arrays(nbytes, alloc_at, free_at, codes=(Category.TEMPORARIES, codes, KINDS),
+                                        records=lambda: list(self) + list(extra))
