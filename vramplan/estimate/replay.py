@@ -104,6 +104,7 @@ class Replayed:
     saved_by_module: dict = field(default_factory=dict)   # module -> activation bytes kept
     param_grads: dict = field(default_factory=dict)       # parameter name -> Record
     input_grads: dict = field(default_factory=dict)       # input role -> Record (caller frees)
+    replayer: object = None      # the Replayer, whose size log `resize.sizes_of` reads (set by callers)
 
 
 def _save_plan(rule: Rule) -> tuple:
@@ -128,6 +129,26 @@ def _op_info(name: str) -> tuple:
             rule = CONSERVATIVE
         info = _OP_INFO[name] = (name, rule, _save_plan(rule), unknown)
     return info
+
+
+def convolutions(g: Concrete, low_dtype: str) -> dict:
+    """op index -> (shape key, dtype) of each convolution: its cuDNN workspace is a transient
+    allocation of the call (vramplan/estimate/conv_workspaces.py)."""
+    try:
+        conv = g.opnames.index("convolution.default")
+    except ValueError:
+        return {}
+    out = {}
+    for i, op in enumerate(g.ops):
+        if op[0] == conv and op[3]:
+            args = dict(op[2])
+            if "input" in args and "weight" in args:
+                x = args["input"]
+                dtype = g.t_dtype[x]
+                if dtype == "float16":
+                    dtype = low_dtype
+                out[i] = (conv_key(g.t_shape[x], g.t_shape[args["weight"]], g.t_shape[op[3][0]]), dtype)
+    return out
 
 
 class Replayer:
@@ -173,39 +194,30 @@ class Replayer:
                 self.rg[tid] = options.trainable(name) and t_float[tid]
         for role, tid in graph.inputs.items():
             self.rg[tid] = role in options.inputs_require_grad
-        self.conv_ops = self._convolutions()
+        self.conv_ops = convolutions(graph, options.low_dtype)
         self.live: dict[int, Record] = {}
+        # Where each allocation's size came from, in allocation order, and the decisions that
+        # read a size: what `resized_rows` needs to give this replay's records for the same graph
+        # at other sizes (another rank) without replaying it. Sources: 4*sid (a storage), 4*tid+1
+        # (a tensor), 4*k+2 (workspace k of `workspaces`), 4*k+3 (a copy of `copied[k]`).
+        self.sources: list[int] = []
+        self.workspaces: list[tuple] = []       # (op index, kind, made: nonzero)
+        self.copied: list[Record] = []
+        self.aliases: list[tuple] = []          # (tid, output tid, same bytes)
+        self.saved_from: list[tuple] = []       # (module, record) added to saved_by_module
         self.python_alive: dict[int, bool] = {}
         self.holds: dict[int, int] = {}
         self.saved_by_op: dict[int, list[int]] = {}
         self.input_records: dict[int, Record] = {}
-
-    def _convolutions(self) -> dict:
-        """op index -> (shape key, dtype) of each convolution: its cuDNN workspace is a transient
-        allocation of the call (vramplan/estimate/conv_workspaces.py)."""
-        g = self.g
-        try:
-            conv = g.opnames.index("convolution.default")
-        except ValueError:
-            return {}
-        out = {}
-        for i, op in enumerate(g.ops):
-            if op[0] == conv and op[3]:
-                args = dict(op[2])
-                if "input" in args and "weight" in args:
-                    x = args["input"]
-                    dtype = g.t_dtype[x]
-                    if dtype == "float16":
-                        dtype = self.opt.low_dtype
-                    out[i] = (conv_key(g.t_shape[x], g.t_shape[args["weight"]], g.t_shape[op[3][0]]), dtype)
-        return out
 
     def _workspace(self, i: int, kind: str | None, phase: str, name: str, module: str) -> None:
         if kind is None:
             return
         key, dtype = self.conv_ops[i]
         nbytes = workspace_bytes(key, dtype, kind)
+        self.workspaces.append((i, kind, bool(nbytes)))
         if nbytes:
+            self.sources.append(4 * len(self.workspaces) - 2)     # 4 * k + 2
             self.clock.free(self.clock.alloc(nbytes, Category.WORKSPACES, phase, name, module))
 
     # -- storage bookkeeping -------------------------------------------------------------------
@@ -245,6 +257,7 @@ class Replayer:
                     self.live[sid] = inputs[role]
                 else:
                     self.live[sid] = self.clock.alloc(self.storage_bytes[sid], Category.INPUTS, phase)
+                    self.sources.append(4 * sid)
                 self.python_alive[sid] = True
                 self.input_records[sid] = self.live[sid]
         self._forward_ops(0, len(g.ops) - 1, phase)
@@ -262,6 +275,7 @@ class Replayer:
                                                             self.input_records)
         python_free = self._python_free
         conv_ops = self.conv_ops
+        source, saved_from = self.sources.append, self.saved_from.append
         recompute = fresh is not None
         TEMPORARIES, ACTIVATIONS, AUTOCAST_CACHE = Category.TEMPORARIES, Category.ACTIVATIONS, Category.AUTOCAST_CACHE
         for i in range(first, last + 1):
@@ -296,6 +310,7 @@ class Replayer:
                         module = modules[op[1]]
                     rec = clock.alloc(s_bytes[sid], AUTOCAST_CACHE if cast_of_param else TEMPORARIES,
                                       phase, name, module)
+                    source(4 * sid)
                     live[sid] = rec
                     python_alive[sid] = True
                     if recompute:
@@ -350,6 +365,7 @@ class Replayer:
                             rec.category = ACTIVATIONS
                             module = modules[op[1]]
                             saved_by_module[module] = saved_by_module.get(module, 0) + rec.nbytes
+                            saved_from((module, rec))
                 saved_by_op[i] = sids
             # after the op: a checkpoint keeps its region's inputs; Python lets go of storages
             if recompute:
@@ -379,6 +395,7 @@ class Replayer:
         clock = self.clock
         alloc, free = clock.alloc, clock.free
         TEMPORARIES = Category.TEMPORARIES
+        source, aliases = self.sources.append, self.aliases.append
 
         def give(tid: int, rec: Record) -> None:
             if tid in grads:
@@ -393,8 +410,9 @@ class Replayer:
             if count <= 0:
                 free(rec)
 
-        def new_grad(nbytes: int, op_name: str, module: str) -> Record:
+        def new_grad(nbytes: int, op_name: str, module: str, src: int) -> Record:
             rec = alloc(nbytes, TEMPORARIES, phase, op_name, module)
+            source(src)
             refs[id(rec)] = 0
             return rec
 
@@ -403,7 +421,7 @@ class Replayer:
             loss = outputs.get("loss")
             if loss is None:
                 return self.result
-            give(loss, new_grad(self.t_bytes[loss], "ones_like", ""))
+            give(loss, new_grad(self.t_bytes[loss], "ones_like", "", 4 * loss + 1))
         else:
             for role, rec in output_grads.items():
                 if role in outputs:
@@ -450,13 +468,18 @@ class Replayer:
                         for slot, count in temps:
                             ref = dict(op[2]).get(slot, op[2][0][1])
                             for _ in range(count):
-                                free(new_grad(t_bytes[ref], name, module))
+                                free(new_grad(t_bytes[ref], name, module, 4 * ref + 1))
                         if grad_kind == "none":
                             continue
                         made.add(arg)
-                        alias = grad_kind == "alias" and t_dtype[tid] == t_dtype[out_tid] and (
-                            name in ("cat.default", "stack.default") or t_bytes[tid] == t_bytes[out_tid])
-                        grad = out_grad if alias else new_grad(t_bytes[tid], name, module)
+                        alias = False
+                        if grad_kind == "alias" and t_dtype[tid] == t_dtype[out_tid]:
+                            if name in ("cat.default", "stack.default"):
+                                alias = True
+                            else:
+                                alias = t_bytes[tid] == t_bytes[out_tid]
+                                aliases((tid, out_tid, alias))
+                        grad = out_grad if alias else new_grad(t_bytes[tid], name, module, 4 * tid + 1)
                         param = t_param[tid]
                         if param is not None and tid not in input_roles:
                             accumulate(param, grad, refs, alias, name, module)
@@ -499,13 +522,13 @@ class Replayer:
             for tid in g.ops[i][3]:
                 sid = self.t_sid[tid]
                 if g.s_alloc[sid] == i:
-                    temps.append(new_grad(self.storage_bytes[sid], "function_backward", module))
+                    temps.append(new_grad(self.storage_bytes[sid], "function_backward", module, 4 * sid))
         seen = set()
         for tid in function[3]:
             if tid in seen or not self.rg[tid] or self.t_dtype[tid] not in FLOATING:
                 continue
             seen.add(tid)
-            grad = new_grad(self.t_bytes[tid], "function_backward", module)
+            grad = new_grad(self.t_bytes[tid], "function_backward", module, 4 * tid + 1)
             param = self.t_param[tid]
             if param is not None and tid not in input_roles:
                 self._accumulate(param, grad, refs, False, "function_backward", module)
@@ -525,6 +548,8 @@ class Replayer:
                 self.clock.free(grad)
             return
         if alias or refs.get(id(grad), 0) > 0:
+            self.copied.append(grad)
+            self.sources.append(4 * len(self.copied) - 1)     # 4 * k + 3
             grad = self.clock.alloc(grad.nbytes, Category.GRADIENTS, self.opt.phase_prefix + "backward",
                                     op_name, module)
         else:

@@ -17,6 +17,7 @@ clock (`_Window`): the same records, in the same order, at the same distances.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ from vramplan.estimate.adapters import adapted, readapted
 from vramplan.estimate.concrete import concretize
 from vramplan.estimate.record_log import RecordLog, Rows, Shifted
 from vramplan.estimate.replay import Clock, Replayed, ReplayOptions, Replayer
+from vramplan.estimate.resize import resized_bytes, sizes_of
 from vramplan.estimate.traces import attention_name, graph_for
 from vramplan.estimate.weights import resident_components, weight_tensors
 from vramplan.footprint import Category
@@ -253,12 +255,17 @@ def _one_step(spec, inventories, trained, resident, clock: Clock, prefix: str, o
         clock.phase(prefix + "backward")
         replayed = rep.backward()
         rep.finish()
+        replayed.replayer = rep
         return replayed
 
     # the denoiser's forward and backward: decided by the spec's replayed fields and which text
-    # encoders train (their outputs require grad)
+    # encoders train (their outputs require grad); at another rank, the same replay resized
     key = _replay_key(spec, inventories, method, "denoiser", variant, tuple(trained_tes), prefix)
-    result = _replayed(clock, key, inventories, replay_denoiser)
+    sizes_key = _replay_key(spec, inventories, method, "denoiser", variant, tuple(trained_tes), prefix,
+                            ignore=frozenset({"rank", "alpha"}))
+    result = _replayed(clock, key, inventories, replay_denoiser, resize=(
+        sizes_key, lambda: _adapted_graph(spec, inventories, method, denoiser, variant, env),
+        spec.precision.low_dtype))
     out.unknown_ops |= result.unknown_ops
     if not prefix:
         out.saved_by_module.update(result.saved_by_module)
@@ -332,6 +339,7 @@ class _Lru:
 
 # An SDXL denoiser window is some 50 000 rows (about 8 MB), an adapted SDXL graph some tens of MB.
 _WINDOWS = _Lru(12)
+_RESIZABLE = _Lru(4)   # by key less the rank: the last window with its size log (`resize.py`)
 _GRAPHS = _Lru(4)
 _SPLICED = _Lru(4)     # by host (the key less the rank): the last adapted graph, to resize
 
@@ -345,6 +353,7 @@ _SHARED = _Lru(12)         # an SDXL step is some 57 000 records (about 6 MB)
 
 def clear_reuse() -> None:
     _WINDOWS.items.clear()
+    _RESIZABLE.items.clear()
     _GRAPHS.items.clear()
     _SPLICED.items.clear()
     _TENSORS.items.clear()
@@ -474,6 +483,7 @@ class _Window:
     saved_by_module: tuple
     param_grads: tuple           # (parameter name, row)
     input_grads: tuple           # (input role, row)
+    sizes: object = None         # resize.Sizes: where the rows' bytes came from, to resize them
 
     def apply(self, clock: Clock) -> Replayed:
         base = clock.now
@@ -487,14 +497,23 @@ class _Window:
                         input_grads={role: run.handles[i] for role, i in self.input_grads})
 
 
-def _replayed(clock: Clock, key: tuple | None, inventories: dict | None, replay) -> Replayed:
-    """`replay()` on the clock, or what it did the last time under `key`, re-applied."""
+def _replayed(clock: Clock, key: tuple | None, inventories: dict | None, replay, resize: tuple | None = None
+              ) -> Replayed:
+    """`replay()` on the clock, or what it did the last time under `key`, re-applied. `resize`:
+    (the key less the sizes, a function giving this replay's graph, its 16-bit dtype): a
+    replay under the first at other sizes, resized to this graph where it can be (`resize.py`)."""
     if key is None:
         return replay()
     pins = tuple((inventories or {}).values())
     window = _WINDOWS.get(key)
     if window is not None and _same(window.pins, pins):
         return window.apply(clock)
+    if resize is not None and resize[0] is not None:
+        window = _resized_window(resize, pins)
+        if window is not None:
+            _WINDOWS.put(key, window)
+            _RESIZABLE.put(resize[0], window)
+            return window.apply(clock)
     base, first, first_phase, open_run = clock.now, len(clock.open), len(clock.phases), clock.open
     earlier = list(clock.records.visible())       # what a replay could reach: the rest are rows
     before = [(r.free_at, r.category, r.saved) for r in earlier]
@@ -511,9 +530,29 @@ def _replayed(clock: Clock, key: tuple | None, inventories: dict | None, replay)
         length=clock.now - base, unknown_ops=frozenset(result.unknown_ops),
         saved_by_module=tuple(result.saved_by_module.items()),
         param_grads=tuple((name, row_of[id(r)]) for name, r in result.param_grads.items()),
-        input_grads=tuple((role, row_of[id(r)]) for role, r in result.input_grads.items()))
+        input_grads=tuple((role, row_of[id(r)]) for role, r in result.input_grads.items()),
+        sizes=None if resize is None or result.replayer is None else sizes_of(result.replayer, records))
     _WINDOWS.put(key, window)
+    if window.sizes is not None and resize[0] is not None:
+        _RESIZABLE.put(resize[0], window)
     # the replay's records become the window's run, as a re-applied one is: one shape for both
     del clock.open[first:]
     clock.place(Shifted(rows, base, handles={i: records[i] for _, i in window.param_grads + window.input_grads}))
     return result
+
+
+def _resized_window(resize: tuple, pins: tuple) -> _Window | None:
+    """The last window replayed under `resize`'s key at other sizes, with its rows' bytes read
+    off this replay's graph; None when there is none or it cannot be resized (then replay)."""
+    sizes_key, graph, low_dtype = resize
+    known = _RESIZABLE.get(sizes_key)
+    if known is None or known.sizes is None or not _same(known.pins, pins):
+        return None
+    nbytes = resized_bytes(known.sizes, graph(), low_dtype)
+    if nbytes is None:
+        return None
+    saved: dict = {}
+    for module, row in known.sizes.saved_from:
+        saved[module] = saved.get(module, 0) + nbytes[row]
+    rows = Rows(tuple((n,) + row[1:] for n, row in zip(nbytes, known.rows.rows)))
+    return dataclasses.replace(known, rows=rows, saved_by_module=tuple(saved.items()))
