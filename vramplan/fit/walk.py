@@ -24,10 +24,10 @@ estimated, the values it hopes for are probed with every other free axis at its 
 
 Measured (scripts/benchmark_fit.py, 2 cores): one estimate when the best plan fits outright; SD 1.5
 DreamBooth on 12 GB in 5; SDXL LoRA on 8 GB, where little fits, in 18 estimates and 27 device
-floors, about 3.5 s (2.5 s with 11 and 19 before the measured CUDA context, 772.8 MiB instead of
-426, left fewer plans fitting): building each candidate's records and the 10 distinct denoiser
-replays are most of it. A floor's records, with their workspaces and C arrays, are handed on to
-the estimate of the same candidate (`footprint_build.prepare`).
+floors, about 2.0 s searching (2.6 s with imports): 5 denoiser replays (the other 5 ranks are
+resized, `estimate/resize.py`) and the candidates' records outside them are most of it. A
+floor's records, with their workspaces and C arrays, are handed on to the estimate of the same
+candidate (`footprint_build.prepare`).
 
 A plan fits when its device use plus the safety margin is within the card. With gradient
 accumulation the gradients stay alive between micro-steps, through the next forward; `estimate`
