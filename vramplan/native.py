@@ -108,7 +108,7 @@ class Columns:
     """A list of records as C arrays (bytes, allocation and free events, NEVER: never freed),
     built once and read by every function below."""
 
-    __slots__ = ("_records", "n", "nbytes", "alloc_at", "free_at", "_codes")
+    __slots__ = ("_records", "n", "nbytes", "alloc_at", "free_at", "_codes", "_codes_for")
 
     def __init__(self, records, extra=()):
         self._records = records
@@ -121,16 +121,17 @@ class Columns:
             self.alloc_at.extend(r.alloc_at for r in extra)
             self.free_at.extend(NEVER if r.free_at is None else r.free_at for r in extra)
         self.n = len(self.nbytes)
-        self._codes = None
+        self._codes = self._codes_for = None
 
     @classmethod
-    def of_arrays(cls, nbytes: array, alloc_at: array, free_at: array, codes: tuple, records) -> "Columns":
-        """Columns made elsewhere (`RecordLog.columns`): `codes` is (default, codes, kinds) as
-        `codes(default)` returns them; `records()` gives the records, for any other default."""
+    def of_arrays(cls, nbytes: array, alloc_at: array, free_at: array, codes: array, default,
+                  records) -> "Columns":
+        """Columns made elsewhere (`RecordLog.columns`): `codes` as `codes(default)` numbers
+        them (`category_codes`); `records()` gives the records, for any other default."""
         self = cls.__new__(cls)
         self._records = records
         self.nbytes, self.alloc_at, self.free_at, self.n = nbytes, alloc_at, free_at, len(nbytes)
-        self._codes = codes
+        self._codes, self._codes_for = (codes, category_codes(default)[1]), default
         return self
 
     @property
@@ -142,13 +143,10 @@ class Columns:
     def codes(self, default) -> tuple[array, list]:
         """Each record's category as a code, and the categories by code: the members of
         `default`'s enum (a record without one counts as `default`)."""
-        if self._codes is not None and len(self._codes) == 3:
-            made_for, codes, kinds = self._codes
-            self._codes = (codes, kinds) if made_for is default else None
+        if self._codes_for is not None and self._codes_for is not default:
+            self._codes = self._codes_for = None
         if self._codes is None:
-            kinds = list(type(default))
-            index = {kind: i for i, kind in enumerate(kinds)}
-            index[None] = index[default]
+            index, kinds = category_codes(default)
             try:
                 codes = [index[r.category] for r in self.records]
             except KeyError:         # a category from outside the enum: the next code
@@ -159,6 +157,15 @@ class Columns:
                 codes = [index[r.category] for r in self.records]
             self._codes = (array("q", codes), kinds)
         return self._codes
+
+
+def category_codes(default) -> tuple[dict, list]:
+    """({category: code}, categories by code): the members of `default`'s enum, in order, and
+    None (no category) counted as `default`. Fresh objects: callers may extend them."""
+    kinds = list(type(default))
+    index = {kind: i for i, kind in enumerate(kinds)}
+    index[None] = index[default]
+    return index, kinds
 
 
 def columns(records, extra=()) -> Columns | None:

@@ -16,13 +16,13 @@ from __future__ import annotations
 from array import array
 from itertools import chain
 
+from vramplan import native
 from vramplan.footprint import Category
+from vramplan.native import NEVER
 from vramplan.timeline import Record
 
-NEVER = -(1 << 63)      # native.NEVER: the free event of a record never freed
-KINDS = list(Category)  # category codes, as `native.Columns.codes(Category.TEMPORARIES)` numbers them
-_CODE = {kind: i for i, kind in enumerate(KINDS)}
-_CODE[None] = _CODE[Category.TEMPORARIES]
+# category codes, as `native.Columns.codes(Category.TEMPORARIES)` numbers them
+_CODE, _ = native.category_codes(Category.TEMPORARIES)
 
 
 class Rows:
@@ -194,31 +194,35 @@ class RecordLog:
     def columns(self, extra=()):
         """The records and `extra` as `native.Columns`, made run by run (None without the C
         library)."""
-        from vramplan import native
-
-        lib = native.library()
-        if lib is None:
+        if native.library() is None:
             return None
         runs = self.runs + [self.tail, list(extra)]
-        if any(not isinstance(r, list) and r.rows.columns() is None for r in runs):
-            return native.Columns(list(self), extra)      # a category from outside the enum
-        total = sum(len(r) for r in runs)
-        nbytes, codes = array("q"), array("q")
-        alloc_at, free_at = array("q", bytes(8 * total)), array("q", bytes(8 * total))
-        position = 0
+        made = _run_columns(runs)
+        if made is None:                  # a category from outside the enum: record by record
+            return native.Columns(list(self), extra)
+        return native.Columns.of_arrays(*made, default=Category.TEMPORARIES,
+                                        records=lambda: list(self) + list(extra))
+
+
+def _run_columns(runs: list) -> tuple | None:
+    """(nbytes, alloc_at, free_at, category codes) of the runs, in order; None when a category is
+    not a `Category`."""
+    if any(not isinstance(r, list) and r.rows.columns() is None for r in runs):
+        return None
+    total = sum(len(r) for r in runs)
+    nbytes, codes = array("q"), array("q")
+    alloc_at, free_at = array("q", bytes(8 * total)), array("q", bytes(8 * total))
+    position = 0
+    try:
         for run in runs:
             k = len(run)
-            if not k:
-                continue
             if isinstance(run, list):
                 nbytes.extend([r.nbytes for r in run])
                 alloc_at[position:position + k] = array("q", [r.alloc_at for r in run])
-                free_at[position:position + k] = array("q", [NEVER if r.free_at is None else r.free_at for r in run])
-                try:
-                    codes.extend([_CODE[r.category] for r in run])
-                except KeyError:
-                    return native.Columns(list(self), extra)
-            else:
+                free_at[position:position + k] = array("q", [NEVER if r.free_at is None else r.free_at
+                                                             for r in run])
+                codes.extend([_CODE[r.category] for r in run])
+            elif k:
                 n_col, a_col, f_col, c_col = run.rows.columns()
                 nbytes.extend(n_col)
                 codes.extend(c_col)
@@ -227,10 +231,8 @@ class RecordLog:
                     j = position + i
                     nbytes[j], alloc_at[j] = r.nbytes, r.alloc_at
                     free_at[j] = NEVER if r.free_at is None else r.free_at
-                    try:
-                        codes[j] = _CODE[r.category]
-                    except KeyError:
-                        return native.Columns(list(self), extra)
+                    codes[j] = _CODE[r.category]
             position += k
-        return native.Columns.of_arrays(nbytes, alloc_at, free_at, codes=(Category.TEMPORARIES, codes, KINDS),
-                                        records=lambda: list(self) + list(extra))
+    except KeyError:
+        return None
+    return nbytes, alloc_at, free_at, codes

@@ -197,7 +197,7 @@ class Replayer:
         self.conv_ops = convolutions(graph, options.low_dtype)
         self.live: dict[int, Record] = {}
         # Where each allocation's size came from, in allocation order, and the decisions that
-        # read a size: what `resized_rows` needs to give this replay's records for the same graph
+        # read a size: what `resize.resized_bytes` needs to give this replay's records for the same graph
         # at other sizes (another rank) without replaying it. Sources: 4*sid (a storage), 4*tid+1
         # (a tensor), 4*k+2 (workspace k of `workspaces`), 4*k+3 (a copy of `copied[k]`).
         self.sources: list[int] = []

@@ -485,10 +485,15 @@ class _Window:
     input_grads: tuple           # (input role, row)
     sizes: object = None         # resize.Sizes: where the rows' bytes came from, to resize them
 
+    @property
+    def handle_rows(self) -> list[int]:
+        """The rows the step frees or changes after the replay (its result's records)."""
+        return [i for _, i in self.param_grads + self.input_grads]
+
     def apply(self, clock: Clock) -> Replayed:
         base = clock.now
         run = Shifted(self.rows, base)
-        run.handles = {i: run.record(i) for _, i in self.param_grads + self.input_grads}
+        run.handles = {i: run.record(i) for i in self.handle_rows}
         clock.place(run)
         clock.phases.extend((name, event + base) for name, event in self.phases)
         clock.now = base + self.length
@@ -537,7 +542,7 @@ def _replayed(clock: Clock, key: tuple | None, inventories: dict | None, replay,
         _RESIZABLE.put(resize[0], window)
     # the replay's records become the window's run, as a re-applied one is: one shape for both
     del clock.open[first:]
-    clock.place(Shifted(rows, base, handles={i: records[i] for _, i in window.param_grads + window.input_grads}))
+    clock.place(Shifted(rows, base, handles={i: records[i] for i in window.handle_rows}))
     return result
 
 
