@@ -88,3 +88,26 @@ def test_a_phase_without_events_reports_what_is_live():
     (_, _, _), (name, peak, comp) = a.phase_peaks
     assert name == "b"
     assert peak == sum(comp.values()) == 100
+
+
+@pytest.mark.parametrize("options", [{"model": "sd15", "method": "lora", "gpu": "8GB"},
+                                     {"model": "sd15", "method": "lora", "gpus": "2x6GB"}])
+def test_a_search_leaves_no_cyclic_garbage(options):
+    """fit's search freezes what it leaves alive (`gc_paused(freeze=True)`): that is only safe
+    while nothing it drops is held by a reference cycle, which the collector would then never
+    find. Run it with the collector off and unfrozen, and count what a collection finds."""
+    import gc
+
+    import vramplan.estimate.step as step
+    import vramplan.fit.walk as walk
+    from vramplan.fit import fit_request, search
+    from vramplan.spec import build_spec
+    from vramplan.timeline import gc_paused
+
+    walk.clear_cache()
+    step.clear_reuse()
+    gc.collect()
+    with gc_paused():
+        search(fit_request(build_spec(options)))
+        found = gc.collect()
+    assert found == 0

@@ -82,6 +82,35 @@ def prepare(records: list, phases: list, gpu: Gpu | None, checkpointing: bool = 
     return Prepared(workspaces, native.columns(records, workspaces))
 
 
+def allocator_overheads(peak_bytes: int, allocator) -> tuple[int, int]:
+    """(block slack, reserve): what the caching allocator adds over the tensors' peak.
+
+    torch counts whole blocks as allocated: a large block is not split when 1 MiB or less would
+    remain, so max_memory_allocated is above the tensors' peak (by 37 MiB for SD 1.5's weights
+    alone, matched to the MiB by this replay in the profiles/h200 traces). The reserve is what
+    the allocator keeps beyond that, cached but free."""
+    slack = max(allocator.peak_allocated - peak_bytes, 0)
+    return slack, max(allocator.peak_reserved - peak_bytes - slack, 0)
+
+
+def device_used_bytes(records, phases: list, gpu: Gpu | None, checkpointing: bool = False,
+                      prepared: Prepared | None = None) -> int:
+    """`build_footprint(...)`'s device used alone -- the peak, the allocator's slack and reserve,
+    the CUDA context -- without the composition and the phases' peaks it also finds. fit decides
+    whether a candidate fits by this, and builds the whole footprint of the plans it lists.
+    The records are left as they are (`build_footprint` adds the workspaces to them)."""
+    from vramplan import native
+
+    prepared = prepared or prepare(records, phases, gpu, checkpointing)
+    columns = prepared.columns
+    peak = native.peak_live_bytes(columns) if columns is not None else None
+    if peak is None:
+        records = list(records) + list(prepared.workspaces)
+        peak = analyse(records, phases).peak_bytes
+    slack, reserve = allocator_overheads(peak, replay_allocator(records, columns))
+    return peak + slack + reserve + cuda_context_bytes(gpu)
+
+
 @gc_paused()
 def build_footprint(records: list, phases: list, gpu: Gpu | None, source: str,
                     checkpointing: bool = False, prepared: Prepared | None = None) -> tuple[Footprint, Analysis, list]:
@@ -93,12 +122,8 @@ def build_footprint(records: list, phases: list, gpu: Gpu | None, source: str,
     allocator = replay_allocator(records, columns)
     context = cuda_context_bytes(gpu)
     composition = dict(analysis.composition)
-    # torch counts whole blocks as allocated: a large block is not split when 1 MiB or less would
-    # remain, so max_memory_allocated is above the tensors' peak (by 37 MiB for SD 1.5's weights
-    # alone, matched to the MiB by this replay in the profiles/h200 traces).
-    slack = max(allocator.peak_allocated - analysis.peak_bytes, 0)
+    slack, reserve = allocator_overheads(analysis.peak_bytes, allocator)
     peak_allocated = analysis.peak_bytes + slack
-    reserve = max(allocator.peak_reserved - peak_allocated, 0)
     composition[Category.BLOCK_SLACK] = slack
     composition[Category.ALLOCATOR_RESERVE] = reserve
     composition[Category.CUDA_CONTEXT] = context

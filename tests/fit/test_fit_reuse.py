@@ -97,6 +97,20 @@ def test_the_device_floor_never_exceeds_the_estimate(fresh):
         assert again.footprint == used, options
 
 
+def test_a_candidate_is_decided_by_its_estimates_device_used(fresh):
+    """The search decides candidates by `estimated_device_used` (no composition), with or
+    without the device floor's records handed on, and lists plans with their whole estimate:
+    the two figures must be one."""
+    for options in SPECS:
+        spec = _spec(options)
+        if spec.is_distributed:
+            continue
+        decided = walk.estimated_device_used(spec)
+        walk.device_floor(spec)
+        assert walk.estimated_device_used(spec) == decided, options
+        assert estimate(spec).footprint.device_used_bytes == decided, options
+
+
 @pytest.mark.parametrize("options", [
     {"model": "sd15", "method": "lora", "gpu": "4GB"},
     {"model": "sd15", "method": "full", "gpu": "16GB"},

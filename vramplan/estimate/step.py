@@ -64,7 +64,7 @@ def _sizes(spec: TrainingSpec) -> dict:
 
 
 def build_timeline(spec: TrainingSpec, inventories: dict, *, hand_on: bool = False) -> StepTimeline:
-    """The step's timeline. `hand_on`: a caller that only reads it (fit's lower bound) lets the
+    """The step's timeline. `hand_on`: a caller that only reads it (fit's lower bound, its device used) lets the
     next build of the same spec take this one instead of building it again. A spec with a
     strategy shares its records with the builds of the other strategies: read them, as the
     distributed rewrite does (it copies them)."""
@@ -74,6 +74,8 @@ def build_timeline(spec: TrainingSpec, inventories: dict, *, hand_on: bool = Fal
         (known, known_pins, timeline), = _HANDED_ON
         _HANDED_ON.clear()
         if known == key and _same(known_pins, pins):
+            if hand_on:
+                _HANDED_ON.append((known, known_pins, timeline))
             return timeline
     if key is not None and spec.is_distributed:
         # The strategy only rewrites this timeline (vramplan.distributed), from copies of its
@@ -106,17 +108,8 @@ def _build_timeline(spec: TrainingSpec, inventories: dict) -> StepTimeline:
     resident = resident_components(spec)
 
     clock.phase("load")
-    for t in weights:
-        clock.alloc(t.nbytes, t.category, "load", module=t.name)
+    _place_rows(clock, spec, inventories, lambda: _load_rows(weights), "", "load rows")
 
-    trainable_names = {(c, t.name) for c, ts in trained.items() for t in ts}
-    state_size = ITEMSIZE[trainable_dtype(spec)]
-    state_tensors = _device_states(spec, inventories, trained, state_size)
-    transients = step_transients(spec.optimizer, [(t.numel, state_size)
-                                                  for ts in trained.values() for t in ts])
-    n_grads = sum(len(ts) for ts in trained.values())
-
-    states_live = []
     first = None
     # Gradient accumulation: micro-steps after the first run with the gradients already there;
     # each new gradient is added in place (AccumulateGrad) and dropped. Two micro-steps show all
@@ -146,28 +139,66 @@ def _build_timeline(spec: TrainingSpec, inventories: dict) -> StepTimeline:
                     clock.free(rec)   # the next micro-step's batch replaces it
             batch = step_batch
         clock.phase(prefix + "optimizer")
-        if step == 0:
-            for s in state_tensors:
-                states_live.append(clock.alloc(s.nbytes, Category.OPTIMIZER_STATES, prefix + "optimizer"))
-        scalars = [clock.alloc(n, Category.TEMPORARIES, prefix + "optimizer") for n in clip_scalars(n_grads)]
-        for rec in scalars:
-            clock.free(rec)
-        for wave in transients:
-            recs = [clock.alloc(n, Category.TEMPORARIES, prefix + "optimizer") for n in wave]
-            for rec in recs:
-                clock.free(rec)
-        if spec.ema:
-            # diffusers EMAModel.step: `s_param.sub_(one_minus_decay * (s_param - param))`, one
-            # parameter at a time: two transients of the largest trained tensor at once.
-            largest = max((t.numel for ts in trained.values() for t in ts), default=0)
-            recs = [clock.alloc(largest * 4, Category.TEMPORARIES, prefix + "optimizer") for _ in range(2)]
-            for rec in recs:
-                clock.free(rec)
+        first_step = step == 0
+        _place_rows(clock, spec, inventories, lambda: _optimizer_rows(spec, inventories, trained, first_step),
+                    prefix, "optimizer rows", spec.optimizer, spec.momentum, spec.ema, first_step)
         for rec in grads:
             clock.free(rec)   # optimizer.zero_grad(set_to_none=True)
         for rec in batch:
             clock.free(rec)   # the next batch replaces this one
     return out
+
+
+def _place_rows(clock: Clock, spec: TrainingSpec, inventories: dict, make, prefix: str, *parts) -> None:
+    """Rows no later code changes -- `make()`: (rows from event 1, events taken) -- placed as one
+    run, phases with `prefix`; made once for the specs with the same trainable tensors and
+    weights and `parts` (`kept_for_tensors`). The load and optimizer phases are some 10 000
+    records of an SDXL step that only those decide."""
+    rows, length = kept_for_tensors(spec, inventories, lambda: _as_rows(make()), *parts)
+    clock.place(Shifted(rows, clock.now, prefix=prefix))
+    clock.now += length
+
+
+def _as_rows(made: tuple) -> tuple:
+    rows, length = made
+    return Rows(tuple(rows)), length
+
+
+def _rounded(nbytes: int) -> int:
+    return -(-nbytes // 512) * 512    # replay.cuda_rounded, as Clock.alloc rounds
+
+
+def _load_rows(weights: list) -> tuple[list, int]:
+    """Every weight on the card, loaded once and never freed (as `Clock.alloc` would record them)."""
+    return [(_rounded(t.nbytes), i, None, t.category, "load", t.name, "", False)
+            for i, t in enumerate(weights, 1)], len(weights)
+
+
+def _optimizer_rows(spec: TrainingSpec, inventories: dict, trained: dict, first_step: bool) -> tuple[list, int]:
+    """The optimizer step before `zero_grad`, as `Clock.alloc` and `Clock.free` would record it:
+    the states (made by the first step, kept), gradient clipping's scalars, the optimizer's
+    transients wave by wave, EMA's update. Each wave's tensors are allocated, then freed in the
+    same order."""
+    state_size = ITEMSIZE[trainable_dtype(spec)]
+    rows = []
+    if first_step:
+        rows = [(_rounded(s.nbytes), i, None, Category.OPTIMIZER_STATES, "optimizer", "", "", False)
+                for i, s in enumerate(device_states(spec, inventories, trained, state_size), 1)]
+    now = len(rows)
+    waves = [clip_scalars(sum(len(ts) for ts in trained.values()))]
+    waves += step_transients(spec.optimizer, [(t.numel, state_size) for ts in trained.values() for t in ts])
+    if spec.ema:
+        # diffusers EMAModel.step: `s_param.sub_(one_minus_decay * (s_param - param))`, one
+        # parameter at a time: two transients of the largest trained tensor at once.
+        largest = max((t.numel for ts in trained.values() for t in ts), default=0)
+        waves.append([largest * 4] * 2)
+    temporaries = Category.TEMPORARIES
+    for wave in waves:
+        k = len(wave)
+        rows += [(_rounded(n), now + i, now + k + i, temporaries, "optimizer", "", "", False)
+                 for i, n in enumerate(wave, 1)]
+        now += 2 * k
+    return rows, now
 
 
 def _repeat_step(clock: Clock, start: int, end: int, first_record: int, last_record: int, phases_before: int,
@@ -423,20 +454,37 @@ def kept_for_tensors(spec: TrainingSpec, inventories: dict, make, *parts):
 def step_tensors(spec: TrainingSpec, inventories: dict) -> tuple[dict, list]:
     """(the method's trainable tensors by component, the weights on the card): read-only, shared
     by the specs that differ only in how the step runs."""
-    method = get_method(spec.method)
-    return kept_for_tensors(spec, inventories, lambda: (method.trainable_tensors(spec, inventories),
-                                                        weight_tensors(spec, inventories)), "tensors")
-
-
-def _device_states(spec: TrainingSpec, inventories: dict, trained: dict, state_size: int) -> list:
-    """The optimizer's states on the card, component by component (read-only)."""
     def make():
-        out = []
-        for tensors in trained.values():
-            states = optimizer_state_tensors(spec.optimizer, [t.shape for t in tensors], state_size,
-                                             spec.momentum, zero_params=[t.zero_init for t in tensors])
-            out.extend(s for s in states if not s.on_host)
-        return out
+        trained = trained_tensors(spec, inventories)
+        return trained, weight_tensors(spec, inventories, trained)
+
+    return kept_for_tensors(spec, inventories, make, "tensors")
+
+
+# Spec fields no method's trainable tensors read besides NOT_WEIGHTS: they are names and shapes,
+# never dtypes, nor what else is on the card (tests/estimate/test_step.py checks every method).
+NOT_TRAINED = NOT_WEIGHTS | {"precision", "base_quant", "cache_latents", "cache_text_embeddings", "ema"}
+
+
+def trained_tensors(spec: TrainingSpec, inventories: dict) -> dict:
+    """The method's trainable tensors by component (read-only), shared by fit's candidates that
+    differ in precision, quantization, caching or EMA (some 20 distinct weights per SDXL search
+    come down to its 3 ranks)."""
+    method = get_method(spec.method)
+    key = tensors_key(spec, inventories, method)
+    if key is not None:
+        key = (key[0], tuple(kv for kv in key[1] if kv[0] not in NOT_TRAINED), key[2], "trained")
+    return _kept(_TENSORS, key, tuple(inventories.values()), lambda: method.trainable_tensors(spec, inventories))
+
+
+def device_states(spec: TrainingSpec, inventories: dict, trained: dict, state_size: int) -> list:
+    """The optimizer's states on the card (read-only): one optimizer over every trained tensor,
+    component by component, so that what it shares (bitsandbytes' qmaps) is counted once."""
+    def make():
+        tensors = [t for ts in trained.values() for t in ts]
+        states = optimizer_state_tensors(spec.optimizer, [t.shape for t in tensors], state_size, spec.momentum,
+                                         zero_params=[t.zero_init for t in tensors])
+        return [s for s in states if not s.on_host]
 
     return kept_for_tensors(spec, inventories, make, "states", spec.optimizer, spec.momentum)
 
@@ -508,7 +556,7 @@ def _replayed(clock: Clock, key: tuple | None, inventories: dict | None, replay,
     (the key less the sizes, a function giving this replay's graph, its 16-bit dtype): a
     replay under the first at other sizes, resized to this graph where it can be (`resize.py`)."""
     if key is None:
-        return replay()
+        return _unlinked(replay())
     pins = tuple((inventories or {}).values())
     window = _WINDOWS.get(key)
     if window is not None and _same(window.pins, pins):
@@ -523,6 +571,8 @@ def _replayed(clock: Clock, key: tuple | None, inventories: dict | None, replay,
     earlier = list(clock.records.visible())       # what a replay could reach: the rest are rows
     before = [(r.free_at, r.category, r.saved) for r in earlier]
     result = replay()
+    replayer = result.replayer
+    _unlinked(result)
     records = clock.open[first:]
     row_of = {id(r): i for i, r in enumerate(records)}
     handles = list(result.param_grads.values()) + list(result.input_grads.values())
@@ -536,13 +586,21 @@ def _replayed(clock: Clock, key: tuple | None, inventories: dict | None, replay,
         saved_by_module=tuple(result.saved_by_module.items()),
         param_grads=tuple((name, row_of[id(r)]) for name, r in result.param_grads.items()),
         input_grads=tuple((role, row_of[id(r)]) for role, r in result.input_grads.items()),
-        sizes=None if resize is None or result.replayer is None else sizes_of(result.replayer, records))
+        sizes=None if resize is None or replayer is None else sizes_of(replayer, records))
     _WINDOWS.put(key, window)
     if window.sizes is not None and resize[0] is not None:
         _RESIZABLE.put(resize[0], window)
     # the replay's records become the window's run, as a re-applied one is: one shape for both
     del clock.open[first:]
     clock.place(Shifted(rows, base, handles={i: records[i] for i in window.handle_rows}))
+    return result
+
+
+def _unlinked(result: Replayed) -> Replayed:
+    """The result without its Replayer, whose `result` it is: that cycle would keep the step's
+    records from reference counting, and fit's search freezes what the collector has not freed
+    (`timeline.gc_paused`)."""
+    result.replayer = None
     return result
 
 

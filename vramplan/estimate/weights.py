@@ -55,9 +55,11 @@ def resident_components(spec: TrainingSpec) -> list[str]:
     return out
 
 
-def weight_tensors(spec: TrainingSpec, inventories: dict[str, Inventory]) -> list[Tensor]:
-    method = get_method(spec.method)
-    trained = method.trainable_tensors(spec, inventories)
+def weight_tensors(spec: TrainingSpec, inventories: dict[str, Inventory], trained: dict | None = None
+                   ) -> list[Tensor]:
+    """`trained`: the method's trainable tensors, when the caller has them."""
+    if trained is None:
+        trained = get_method(spec.method).trainable_tensors(spec, inventories)
     denoiser = spec.model.denoiser.name
     frozen, train = frozen_dtype(spec), trainable_dtype(spec)
     out: list[Tensor] = []

@@ -59,7 +59,7 @@ from vramplan.errors import UsageError
 from vramplan.estimate.optimizer import optimizer_state_tensors
 from vramplan.estimate.overheads import cublas_workspace_bytes, cuda_context_bytes
 from vramplan.estimate.result import Estimate
-from vramplan.estimate.step import step_tensors, tensors_key
+from vramplan.estimate.step import device_states, kept_for_tensors, step_tensors, tensors_key
 from vramplan.fit.margin import SafetyMargin, safety_margin
 from vramplan.fit.space import COUPLED, Axis, FitRequest, apply_values, combination_error, search_axes
 from vramplan.gpus import CATALOG, Gpu
@@ -173,10 +173,12 @@ class FitResult:
 # -- evaluation, cached ----------------------------------------------------------------------------
 
 _ESTIMATES: dict[str, Estimate] = {}
+_USED: dict[str, int] = {}        # a candidate's device used, decided without its whole estimate
 
 
 def clear_cache() -> None:
     _ESTIMATES.clear()
+    _USED.clear()
 
 
 def _key(spec: TrainingSpec) -> str:
@@ -254,14 +256,12 @@ def static_bytes(spec: TrainingSpec, inventories: dict) -> int:
     if spec.is_distributed:
         return 0
     trained, weights = step_tensors(spec, inventories)
-    weights = sum(t.nbytes for t in weights)
     itemsize = ITEMSIZE[trainable_dtype(spec)]
-    shapes = [t.shape for ts in trained.values() for t in ts]
-    zeros = [t.zero_init for ts in trained.values() for t in ts]
-    states = optimizer_state_tensors(spec.optimizer, shapes, itemsize, spec.momentum, zero_params=zeros)
-    gradients = sum(t.numel for ts in trained.values() for t in ts) * itemsize
-    return (weights + sum(s.nbytes for s in states if not s.on_host) + gradients
-            + cublas_workspace_bytes(spec.gpu) + cuda_context_bytes(spec.gpu))
+    weights, gradients = kept_for_tensors(spec, inventories, lambda: (
+        sum(t.nbytes for t in weights), sum(t.numel for ts in trained.values() for t in ts) * itemsize),
+        "static bytes")
+    states = sum(s.nbytes for s in device_states(spec, inventories, trained, itemsize))
+    return weights + states + gradients + cublas_workspace_bytes(spec.gpu) + cuda_context_bytes(spec.gpu)
 
 
 def device_floor(spec: TrainingSpec) -> int:
@@ -285,6 +285,20 @@ def device_floor(spec: TrainingSpec) -> int:
     if last_event is not None:
         last_event = max([last_event] + [e for _, e in phases])
     return peak_live_bytes(records, prepared.workspaces, last_event, prepared.columns) + cuda_context_bytes(spec.gpu)
+
+
+def estimated_device_used(spec: TrainingSpec) -> int:
+    """`estimate(spec).footprint.device_used_bytes`, one GPU, counted without the composition:
+    the step's records (those `device_floor` handed on, when it took this spec's last) and their
+    allocator replay. They are handed on again, for the estimate of the same spec if it follows."""
+    from vramplan.estimate.step import build_timeline
+    from vramplan.footprint_build import device_used_bytes, prepare
+
+    timeline = build_timeline(spec, load_model_inventories(spec.model), hand_on=True)
+    if timeline.prepared is None:
+        timeline.prepared = prepare(timeline.records, timeline.clock.phases, spec.gpu, spec.gradient_checkpointing)
+    return device_used_bytes(timeline.records, timeline.clock.phases, spec.gpu, spec.gradient_checkpointing,
+                             prepared=timeline.prepared)
 
 
 def peak_live_bytes(records: list, extra: list = (), last_event: int | None = None, columns=None) -> int:
@@ -366,7 +380,8 @@ class _Search:
         key = _key(spec)
         if key in _ESTIMATES:
             return _ESTIMATES[key]
-        self.estimates += 1
+        if key not in _USED:
+            self.estimates += 1
         try:
             result = self.estimator(spec)
         except UsageError as error:
@@ -375,6 +390,31 @@ class _Search:
             result = None
         _ESTIMATES[key] = result
         return result
+
+    def device_used(self, spec: TrainingSpec) -> int | None:
+        """The estimate's device used, None where it cannot be counted. For the real estimate on
+        one GPU, without the composition and phase peaks the estimate adds for display
+        (`footprint_build.device_used_bytes`, on the records the device floor handed on): most
+        candidates are only decided, and the composition was a tenth of an SDXL search. The
+        plans listed get their whole estimate (`plan`), whose device used is this figure."""
+        key = _key(spec)
+        if key in _ESTIMATES:
+            known = _ESTIMATES[key]
+            return None if known is None else known.footprint.device_used_bytes
+        if key in _USED:
+            return _USED[key]
+        if self.device_floor is None or spec.is_distributed:
+            known = self.estimate(spec)
+            return None if known is None else known.footprint.device_used_bytes
+        self.estimates += 1
+        try:
+            used = _USED[key] = estimated_device_used(spec)
+        except UsageError as error:
+            self.unavailable.setdefault(str(error), spec)
+            self._ban(spec, str(error))
+            _ESTIMATES[key] = None
+            return None
+        return used
 
     def _ban(self, spec: TrainingSpec, message: str) -> None:
         """A missing recorded trace names the variant it was for ("unet.amp-frozen-nf4.sdpa"):
@@ -422,10 +462,10 @@ class _Search:
                 result = False
                 self.decided_free += 1
             else:
-                estimate = self.estimate(spec)
-                if estimate is None:
+                used = self.device_used(spec)
+                if used is None:
                     return True  # unknown: it may fit, so it prunes nothing
-                result = self.margin.required(estimate.footprint.device_used_bytes) <= self.capacity
+                result = self.margin.required(used) <= self.capacity
         self.fit_raw[choice] = result
         (self.fitting if result else self.failed).append(choice)
         return result
@@ -645,8 +685,9 @@ def search(request: FitRequest, estimator: Estimator | None = None,
            margin: SafetyMargin | None = None) -> FitResult:
     """The best plans for the request, best first, or why none fits."""
     # millions of short-lived records and next to no reference cycles: the cyclic collector's
-    # passes over everything alive (kept replays included) took a third of an SDXL search
-    with gc_paused():
+    # passes over everything alive (kept replays included) took a third of an SDXL search, and
+    # one pass over what the search keeps, once the collector is back on, another 0.2-0.3 s
+    with gc_paused(freeze=True):
         return _search(request, estimator, margin)
 
 
