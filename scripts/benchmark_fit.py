@@ -65,10 +65,10 @@ def warm(options: dict) -> dict:
     inside, floors = [], []
 
     def timed(function, seconds):
-        def run(spec):
+        def run(*args, **kwargs):
             start = time.perf_counter()
             try:
-                return function(spec)
+                return function(*args, **kwargs)
             finally:
                 seconds.append(time.perf_counter() - start)
         return run

@@ -65,14 +65,16 @@ def add_workspaces(records: list, phases: list, gpu: Gpu | None, checkpointing: 
     records.extend(workspace_records(records, phases, gpu, checkpointing))
 
 
-@dataclass(frozen=True)
+@dataclass
 class Prepared:
     """A step's records made ready for `build_footprint`: its workspaces, and the records with
     them as C arrays (None without `vramplan.native`). fit's lower bound makes these for each
-    candidate and hands them to the estimate of the same candidate, which would make them again."""
+    candidate and hands them to the estimate of the same candidate, which would make them again;
+    fit's decision (`device_used_bytes`) adds the allocator's replay of them."""
 
     workspaces: list
     columns: object
+    allocator: object = None
 
 
 def prepare(records: list, phases: list, gpu: Gpu | None, checkpointing: bool = False) -> Prepared:
@@ -107,19 +109,22 @@ def device_used_bytes(records, phases: list, gpu: Gpu | None, checkpointing: boo
     if peak is None:
         records = list(records) + list(prepared.workspaces)
         peak = analyse(records, phases).peak_bytes
-    slack, reserve = allocator_overheads(peak, replay_allocator(records, columns))
+    if prepared.allocator is None:
+        prepared.allocator = replay_allocator(records, columns)
+    slack, reserve = allocator_overheads(peak, prepared.allocator)
     return peak + slack + reserve + cuda_context_bytes(gpu)
 
 
 @gc_paused()
 def build_footprint(records: list, phases: list, gpu: Gpu | None, source: str,
                     checkpointing: bool = False, prepared: Prepared | None = None) -> tuple[Footprint, Analysis, list]:
-    """`prepared`: `prepare(records, ...)` of these very records, when the caller has it."""
+    """`prepared`: `prepare(records, ...)` of these very records, when the caller has it (with
+    their allocator's replay, when `device_used_bytes` made it)."""
     prepared = prepared or prepare(records, phases, gpu, checkpointing)
     records.extend(prepared.workspaces)
     columns = prepared.columns      # read by both: made into C arrays once
     analysis = analyse(records, phases, columns=columns)
-    allocator = replay_allocator(records, columns)
+    allocator = prepared.allocator if prepared.allocator is not None else replay_allocator(records, columns)
     context = cuda_context_bytes(gpu)
     composition = dict(analysis.composition)
     slack, reserve = allocator_overheads(analysis.peak_bytes, allocator)

@@ -97,6 +97,29 @@ def test_the_device_floor_never_exceeds_the_estimate(fresh):
         assert again.footprint == used, options
 
 
+def test_a_floor_stopped_after_the_forward_is_a_lower_bound_and_keeps_nothing(fresh):
+    """`device_floor(spec, over)` may stop at a fresh denoiser's forward: what it returns then
+    is above `over`'s limit yet never above the whole floor, and the build it left unfinished
+    leaves no replay behind (the next build is the one made from scratch)."""
+    inventories = load_model_inventories(_spec(SPECS[0]).model)
+    stopped = 0
+    for options in SPECS:
+        spec = _spec(options)
+        if spec.is_distributed:
+            continue
+        seen = []
+        bound = walk.device_floor(spec, over=lambda nbytes: seen.append(nbytes) or True)
+        rows = _rows(step.build_timeline(spec, inventories))
+        step.clear_reuse()
+        whole = walk.device_floor(spec)
+        if seen:
+            stopped += 1
+            assert bound == seen[0] < whole, options
+        assert _rows(step.build_timeline(spec, inventories)) == rows, options
+        step.clear_reuse()
+    assert stopped >= 5
+
+
 def test_a_candidate_is_decided_by_its_estimates_device_used(fresh):
     """The search decides candidates by `estimated_device_used` (no composition), with or
     without the device floor's records handed on, and lists plans with their whole estimate:

@@ -63,11 +63,15 @@ def _sizes(spec: TrainingSpec) -> dict:
     return {"B": spec.images_per_step, "H": height // scale, "W": width // scale}
 
 
-def build_timeline(spec: TrainingSpec, inventories: dict, *, hand_on: bool = False) -> StepTimeline:
-    """The step's timeline. `hand_on`: a caller that only reads it (fit's lower bound, its device used) lets the
-    next build of the same spec take this one instead of building it again. A spec with a
-    strategy shares its records with the builds of the other strategies: read them, as the
-    distributed rewrite does (it copies them)."""
+def build_timeline(spec: TrainingSpec, inventories: dict, *, hand_on: bool = False, check=None) -> StepTimeline:
+    """The step's timeline. `hand_on`: a caller that only reads it (fit's lower bound, its
+    device used) lets the next build of the same spec take this one instead of building it
+    again. A spec with a strategy shares its records with the builds of the other strategies:
+    read them, as the distributed rewrite does (it copies them).
+
+    `check(records)`: called with the records so far once a denoiser's forward has been replayed
+    afresh (not re-applied), before its backward -- fit's lower bound may stop the build there
+    by raising: the records a step makes first are all in the step's."""
     key = _replay_key(spec, inventories, get_method(spec.method), "timeline", every_field=True)
     pins = tuple(inventories.values())
     if key is not None and _HANDED_ON:
@@ -83,10 +87,10 @@ def build_timeline(spec: TrainingSpec, inventories: dict, *, hand_on: bool = Fal
         shared_key = (key[0], tuple(kv for kv in key[1] if kv[0] not in STRATEGY_FIELDS)) + key[2:]
         known = _SHARED.get(shared_key)
         if known is None or not _same(known[0], pins):
-            known = (pins, _build_timeline(spec, inventories))
+            known = (pins, _build_timeline(spec, inventories, check))
             _SHARED.put(shared_key, known)
         return _sharing_records(known[1])
-    timeline = _build_timeline(spec, inventories)
+    timeline = _build_timeline(spec, inventories, check)
     if hand_on and key is not None:
         _HANDED_ON.append((key, pins, timeline))
     return timeline
@@ -101,7 +105,7 @@ def _sharing_records(timeline: StepTimeline) -> StepTimeline:
                         log=log)
 
 
-def _build_timeline(spec: TrainingSpec, inventories: dict) -> StepTimeline:
+def _build_timeline(spec: TrainingSpec, inventories: dict, check=None) -> StepTimeline:
     clock = Clock()
     out = StepTimeline(clock)
     trained, weights = step_tensors(spec, inventories)
@@ -122,7 +126,7 @@ def _build_timeline(spec: TrainingSpec, inventories: dict) -> StepTimeline:
             if first is None:
                 window_start = clock.now + 1
                 records_before, phases_before = clock.count(), len(clock.phases)
-                step_grads, step_batch = _one_step(spec, inventories, trained, resident, clock, prefix, out)
+                step_grads, step_batch = _one_step(spec, inventories, trained, resident, clock, prefix, out, check)
                 first = (window_start, clock.now, records_before, clock.count(), phases_before, step_grads,
                          step_batch)
             else:
@@ -227,7 +231,8 @@ def _repeat_step(clock: Clock, start: int, end: int, first_record: int, last_rec
     return [copy_of[id(r)] for r in grads if id(r) in copy_of], [copy_of[id(r)] for r in batch if id(r) in copy_of]
 
 
-def _one_step(spec, inventories, trained, resident, clock: Clock, prefix: str, out: StepTimeline) -> list:
+def _one_step(spec, inventories, trained, resident, clock: Clock, prefix: str, out: StepTimeline,
+              check=None) -> list:
     env = _sizes(spec)
     method = get_method(spec.method)
     model = spec.model
@@ -283,6 +288,8 @@ def _one_step(spec, inventories, trained, resident, clock: Clock, prefix: str, o
                                             phase_prefix=prefix, low_dtype=spec.precision.low_dtype),
                        clock)
         rep.forward()
+        if check is not None:
+            check(clock.records)
         clock.phase(prefix + "backward")
         replayed = rep.backward()
         rep.finish()

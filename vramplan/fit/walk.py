@@ -264,13 +264,28 @@ def static_bytes(spec: TrainingSpec, inventories: dict) -> int:
     return weights + states + gradients + cublas_workspace_bytes(spec.gpu) + cuda_context_bytes(spec.gpu)
 
 
-def device_floor(spec: TrainingSpec) -> int:
+class _Exceeded(Exception):
+    """A build stopped early: the records so far already need `bound` bytes."""
+
+    def __init__(self, bound: int):
+        super().__init__(bound)
+        self.bound = bound
+
+
+def device_floor(spec: TrainingSpec, over: Callable[[int], bool] | None = None) -> int:
     """A lower bound of device used from the step's records alone, before the caching allocator
     is replayed over them (most of an estimate's time): the peak of live bytes, cuBLAS workspaces
     included, plus the CUDA context. `build_footprint`'s device used is that plus the allocator's
     block slack and reserve, never negative, so this never exceeds the estimate. The records, with
     their workspaces and C arrays (`footprint_build.prepare`), are handed on to the estimate of
-    the same spec, if it follows."""
+    the same spec, if it follows.
+
+    `over(bytes)`: the caller rejects the candidate above that. Where the step's denoiser is
+    replayed afresh (a replay costs more than the rest of the build), its forward is checked
+    first: the peak of the records so far, plus the context, is a lower bound too (every record
+    made so far is one of the step's, and more records only add to the live bytes), and when it
+    is `over`, that is the floor returned: no backward, nothing kept. Without checkpointing the
+    activations a forward keeps rule most such candidates out."""
     from vramplan.estimate.step import build_timeline
     from vramplan.footprint_build import prepare
 
@@ -278,7 +293,18 @@ def device_floor(spec: TrainingSpec) -> int:
         rw = _per_gpu_records(spec, keep=True)[0]
         records, phases, last_event = rw.records, rw.phases, None
     else:
-        timeline = build_timeline(spec, load_model_inventories(spec.model), hand_on=True)
+        context = cuda_context_bytes(spec.gpu)
+
+        def check(records) -> None:
+            bound = peak_live_bytes(records) + context
+            if over(bound):
+                raise _Exceeded(bound)
+
+        try:
+            timeline = build_timeline(spec, load_model_inventories(spec.model), hand_on=True,
+                                      check=None if over is None else check)
+        except _Exceeded as stopped:
+            return stopped.bound
         records, phases, last_event = timeline.records, timeline.clock.phases, timeline.clock.now
     prepared = prepare(records, phases, spec.gpu, spec.gradient_checkpointing)
     (rw if spec.is_distributed else timeline).prepared = prepared
@@ -487,11 +513,14 @@ class _Search:
         say why)."""
         if self.device_floor is None or _key(spec) in _ESTIMATES:
             return False
+        def over(nbytes: int) -> bool:
+            return self.margin.required(nbytes) > self.capacity
+
         try:
-            floor = self.device_floor(spec)
+            floor = self.device_floor(spec, over)
         except UsageError:
             return False
-        return self.margin.required(floor) > self.capacity
+        return over(floor)
 
     def _probes_fit(self, choice: tuple, prefix: tuple) -> bool:
         """Once plans are listed, a new one must beat each of them on some axis. For each axis
