@@ -33,9 +33,19 @@ typedef struct {            /* a free block in a pool, ordered by (size, addr) *
     int64_t size, addr, block;
 } Entry;
 
-typedef struct {
+typedef struct {            /* one size class of a pool: its free blocks, sorted */
     Entry *items;
     int64_t len, cap;
+} Bucket;
+
+/* A pool's free blocks ordered by (size, addr), as the Python allocator's sorted list, kept in
+   buckets by size class (floor(log2(size))): every size in a bucket is below every size in the
+   next, so the order across buckets is the pool's order. Why: one sorted array meant moving
+   half of it on every insert and removal, most of the replay's time (an SDXL step: some 8 million
+   entries moved); a bucket holds a few of those. */
+#define N_BUCKETS 64
+typedef struct {
+    Bucket buckets[N_BUCKETS];
 } Pool;
 
 typedef struct {
@@ -52,45 +62,79 @@ static int64_t allocation_size(int64_t size) {
     return (size + K_ROUND_LARGE - 1) / K_ROUND_LARGE * K_ROUND_LARGE;
 }
 
+static int size_class(int64_t size) {      /* floor(log2(size)), sizes being at least 512 */
+#if defined(__GNUC__) || defined(__clang__)
+    return 63 - __builtin_clzll((unsigned long long)size);
+#else
+    int k = 0;
+    while (k < N_BUCKETS - 1 && (size >> (k + 1)) > 0) k++;
+    return k;
+#endif
+}
+
 static int less(int64_t size_a, int64_t addr_a, int64_t size_b, int64_t addr_b) {
     return size_a < size_b || (size_a == size_b && addr_a < addr_b);
 }
 
-/* first entry not less than (size, addr): bisect_left */
-static int64_t lower_bound(const Pool *pool, int64_t size, int64_t addr) {
-    int64_t lo = 0, hi = pool->len;
+/* first entry of the bucket not less than (size, addr): bisect_left */
+static int64_t lower_bound(const Bucket *bucket, int64_t size, int64_t addr) {
+    int64_t lo = 0, hi = bucket->len;
     while (lo < hi) {
         int64_t mid = (lo + hi) >> 1;
-        if (less(pool->items[mid].size, pool->items[mid].addr, size, addr)) lo = mid + 1;
+        if (less(bucket->items[mid].size, bucket->items[mid].addr, size, addr)) lo = mid + 1;
         else hi = mid;
     }
     return lo;
 }
 
 static void pool_insert(Allocator *a, Pool *pool, int64_t block) {
-    if (pool->len == pool->cap) {
-        int64_t cap = pool->cap ? pool->cap * 2 : 256;
-        Entry *items = realloc(pool->items, (size_t)cap * sizeof(Entry));
-        if (!items) { a->failed = 1; return; }
-        pool->items = items;
-        pool->cap = cap;
-    }
     Block *b = &a->blocks[block];
-    int64_t i = lower_bound(pool, b->size, b->addr);
-    memmove(&pool->items[i + 1], &pool->items[i], (size_t)(pool->len - i) * sizeof(Entry));
-    pool->items[i].size = b->size;
-    pool->items[i].addr = b->addr;
-    pool->items[i].block = block;
-    pool->len++;
+    Bucket *bucket = &pool->buckets[size_class(b->size)];
+    if (bucket->len == bucket->cap) {
+        int64_t cap = bucket->cap ? bucket->cap * 2 : 64;
+        Entry *items = realloc(bucket->items, (size_t)cap * sizeof(Entry));
+        if (!items) { a->failed = 1; return; }
+        bucket->items = items;
+        bucket->cap = cap;
+    }
+    int64_t i = lower_bound(bucket, b->size, b->addr);
+    memmove(&bucket->items[i + 1], &bucket->items[i], (size_t)(bucket->len - i) * sizeof(Entry));
+    bucket->items[i].size = b->size;
+    bucket->items[i].addr = b->addr;
+    bucket->items[i].block = block;
+    bucket->len++;
 }
 
-static void pool_remove_at(Pool *pool, int64_t i) {
-    memmove(&pool->items[i], &pool->items[i + 1], (size_t)(pool->len - i - 1) * sizeof(Entry));
-    pool->len--;
+static void bucket_remove_at(Bucket *bucket, int64_t i) {
+    memmove(&bucket->items[i], &bucket->items[i + 1], (size_t)(bucket->len - i - 1) * sizeof(Entry));
+    bucket->len--;
 }
 
 static void pool_remove(Pool *pool, const Block *b) {
-    pool_remove_at(pool, lower_bound(pool, b->size, b->addr));
+    Bucket *bucket = &pool->buckets[size_class(b->size)];
+    bucket_remove_at(bucket, lower_bound(bucket, b->size, b->addr));
+}
+
+/* The pool's first free block of at least `size` bytes (the smallest, then the lowest address),
+   taken out of it; -1 when there is none. */
+static int64_t pool_take(Pool *pool, int64_t size) {
+    int k = size_class(size);
+    Bucket *bucket = &pool->buckets[k];
+    int64_t i = lower_bound(bucket, size, -1);
+    if (i >= bucket->len) {
+        for (bucket = NULL, k++; k < N_BUCKETS; k++) {
+            if (pool->buckets[k].len) { bucket = &pool->buckets[k]; break; }
+        }
+        if (!bucket) return -1;
+        i = 0;
+    }
+    int64_t block = bucket->items[i].block;
+    bucket_remove_at(bucket, i);
+    return block;
+}
+
+static void pool_free(Pool *pool) {
+    for (int k = 0; k < N_BUCKETS; k++) free(pool->buckets[k].items);
 }
 
 static int64_t new_block(Allocator *a, int64_t addr, int64_t size, int64_t segment, int8_t small,
@@ -112,12 +156,8 @@ static int64_t do_malloc(Allocator *a, int64_t nbytes) {
     int64_t size = nbytes < K_MIN_BLOCK ? K_MIN_BLOCK : (nbytes + K_MIN_BLOCK - 1) / K_MIN_BLOCK * K_MIN_BLOCK;
     int8_t small = size <= K_SMALL_SIZE;
     Pool *pool = &a->pools[small];
-    int64_t i = lower_bound(pool, size, -1);
-    int64_t block;
-    if (i < pool->len) {
-        block = pool->items[i].block;
-        pool_remove_at(pool, i);
-    } else {
+    int64_t block = pool_take(pool, size);
+    if (block < 0) {
         int64_t seg_size = allocation_size(size);
         a->segments++;
         int64_t addr = small ? a->next_addr : a->large_top - seg_size;
@@ -260,8 +300,8 @@ done:
     free(tmp);
     free(live);
     free(a.blocks);
-    free(a.pools[0].items);
-    free(a.pools[1].items);
+    pool_free(&a.pools[0]);
+    pool_free(&a.pools[1]);
     return status;
 }
 

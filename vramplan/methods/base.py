@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import cached_property
 from math import prod
 from typing import ClassVar, Iterable, Mapping
 
@@ -40,8 +41,9 @@ class TrainableTensor:
     shape: tuple[int, ...]
     zero_init: bool = False
 
-    @property
+    @cached_property
     def numel(self) -> int:
+        # kept: fit reads it for every tensor of every candidate (states, transients, sums)
         return prod(self.shape)
 
 
