@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from vramplan.models.inventory import Inventory, numel
+from vramplan.models.inventory import Inventory, kept_per_inventory, numel
 
 # component class -> ((wrapped block class, regex matching the module paths of its instances), ...)
 _UNET = (
@@ -70,7 +70,12 @@ def wrap_classes(cls: str) -> tuple[str, ...]:
 
 
 def _wrapped_prefixes(inventory: Inventory) -> list[tuple[str, str]]:
-    """(module path, class) of every wrapped block instance, found from the parameter names."""
+    """(module path, class) of every wrapped block instance, found from the parameter names
+    (kept per inventory: a several-GPU fit asks for every candidate; read-only)."""
+    return kept_per_inventory(inventory, ("wrapped prefixes",), lambda: _find_wrapped_prefixes(inventory))
+
+
+def _find_wrapped_prefixes(inventory: Inventory) -> list[tuple[str, str]]:
     patterns = [(cls, re.compile(regex)) for cls, regex in WRAP_CLASSES.get(inventory.cls, ())]
     found: dict[str, str] = {}
     for pname, _ in inventory.params:
@@ -91,12 +96,13 @@ def wrap_units(component: str, inventory: Inventory, extra_params: list | None =
     units = {"": root}
     for path, cls in blocks:
         units[path] = Unit(component, path, cls)
-    ordered = sorted(units, key=len, reverse=True)   # deepest first: a parameter joins its innermost unit
-
     def owner(name: str) -> Unit:
-        for path in ordered:
-            if not path or name.startswith(path + "."):
-                return units[path]
+        """The innermost unit around the parameter: its longest path that is a module of `name`."""
+        parts = name.split(".")
+        for k in range(len(parts) - 1, 0, -1):
+            found = units.get(".".join(parts[:k]))
+            if found is not None:
+                return found
         return root
 
     for name, count in _in_module_order(inventory, extra_params or ()):

@@ -46,6 +46,7 @@ JSON writes out explicitly (`configs.py`): accelerate's "auto" for the bucket si
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 from vramplan.distributed.fsdp import add_step
@@ -254,6 +255,7 @@ def _stage3_working_set(rw: Rewriter, step, k: int, component: str, inventory: I
             [(p, "b", bwd[p]) for p in sorted(bwd, key=lambda p: bwd[p][0])]
     complete = k > 0              # the trace is recorded during the first step
     live: dict[str, object] = {}
+    live_large = [0]              # sum(large[p] for p in live), kept as `live` changes
     phase = {"f": step.prefix + "forward", "b": step.prefix + "backward"}
 
     def category(path: str) -> Category:
@@ -265,15 +267,15 @@ def _stage3_working_set(rw: Rewriter, step, k: int, component: str, inventory: I
             persisted.add(path)
         if path not in live and large[path]:
             live[path] = rw.add(large[path] * itemsize, at, None, category(path), ph, "zero3_gathered", path)
+            live_large[0] += large[path]
 
     for i, (path, kind, (first, last)) in enumerate(trace):
         at = rw.before(first)
         gather(path, at, phase[kind])
         if complete and config.prefetch_bucket_size > 0:
-            budget = min(config.prefetch_bucket_size,
-                         config.max_live_parameters - sum(large[p] for p in live))
+            budget = min(config.prefetch_bucket_size, config.max_live_parameters - live_large[0])
             ahead = 0
-            for nxt, _, _ in trace[i + 1:]:
+            for nxt, _, _ in itertools.islice(trace, i + 1, None):
                 if ahead >= budget:
                     break
                 if nxt not in live and large[nxt]:
@@ -284,7 +286,7 @@ def _stage3_working_set(rw: Rewriter, step, k: int, component: str, inventory: I
         keep = False
         if complete:
             traversed = 0
-            for nxt, _, _ in trace[i + 1:]:
+            for nxt, _, _ in itertools.islice(trace, i + 1, None):
                 if traversed >= config.max_reuse_distance:
                     break
                 if nxt == path:
@@ -293,5 +295,6 @@ def _stage3_working_set(rw: Rewriter, step, k: int, component: str, inventory: I
                 traversed += sum(units[nxt])
         if not keep:
             live.pop(path).free_at = rw.after(last)
+            live_large[0] -= large[path]
     for rec in live.values():
         rec.free_at = rw.after(step.backward[1] - 1)
