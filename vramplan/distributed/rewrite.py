@@ -90,9 +90,11 @@ class Rewriter:
         return rec
 
     def drop(self, predicate) -> list[Record]:
-        dropped = [r for r in self.records if predicate(r)]
-        keep = {id(r) for r in dropped}
-        self.records = [r for r in self.records if id(r) not in keep]
+        kept, dropped = [], []
+        keep, drop = kept.append, dropped.append
+        for r in self.records:
+            (drop if predicate(r) else keep)(r)
+        self.records = kept
         return dropped
 
     def within(self, window: tuple[int, int]) -> list[Record]:

@@ -46,7 +46,6 @@ JSON writes out explicitly (`configs.py`): accelerate's "auto" for the bucket si
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 
 from vramplan.distributed.fsdp import add_step
@@ -275,7 +274,8 @@ def _stage3_working_set(rw: Rewriter, step, k: int, component: str, inventory: I
         if complete and config.prefetch_bucket_size > 0:
             budget = min(config.prefetch_bucket_size, config.max_live_parameters - live_large[0])
             ahead = 0
-            for nxt, _, _ in itertools.islice(trace, i + 1, None):
+            for j in range(i + 1, len(trace)):
+                nxt = trace[j][0]
                 if ahead >= budget:
                     break
                 if nxt not in live and large[nxt]:
@@ -286,7 +286,8 @@ def _stage3_working_set(rw: Rewriter, step, k: int, component: str, inventory: I
         keep = False
         if complete:
             traversed = 0
-            for nxt, _, _ in itertools.islice(trace, i + 1, None):
+            for j in range(i + 1, len(trace)):
+                nxt = trace[j][0]
                 if traversed >= config.max_reuse_distance:
                     break
                 if nxt == path:
