@@ -60,6 +60,21 @@ def test_columns_made_run_by_run_are_the_records_columns(built, options):
 
 
 @pytest.mark.parametrize("options", SPECS)
+def test_scaled_copies_are_the_records_rescaled(options):
+    """The distributed rewrite starts from copies of the step's records with events times its
+    scale: made from the runs' rows, they must be the records' own, field by field, and new."""
+    for timeline in _timelines(options):
+        log = timeline.records
+        copies = log.scaled(1000)
+        records = list(log)
+        assert [(c.nbytes, c.alloc_at, c.free_at, c.category, c.phase, c.module, c.op, c.saved) for c in copies] \
+            == [(r.nbytes, r.alloc_at * 1000, None if r.free_at is None else r.free_at * 1000, r.category,
+                 r.phase, r.module, r.op, r.saved) for r in records]
+        assert not {id(c) for c in copies} & {id(r) for r in records}
+        assert log.scaled(3) == log.fork().scaled(3)
+
+
+@pytest.mark.parametrize("options", SPECS)
 def test_the_first_products_are_found_run_by_run(options):
     timeline, again = _timelines(options)
     records = list(again.records)

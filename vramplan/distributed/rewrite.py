@@ -38,9 +38,11 @@ class StepWindows:
 class Rewriter:
     def __init__(self, records: list[Record], phases: list[tuple[str, int]], end: int):
         # built directly: dataclasses.replace costs ten times more, and a fit over several GPUs
-        # rescales ~10^5 records per candidate
-        self.records = [Record(r.nbytes, r.alloc_at * SCALE, None if r.free_at is None else r.free_at * SCALE,
-                               r.category, r.phase, r.module, r.op, r.saved) for r in records]
+        # rescales ~10^5 records per candidate; a step's RecordLog makes them from its runs' rows
+        scaled = getattr(records, "scaled", None)
+        self.records = scaled(SCALE) if scaled is not None else [
+            Record(r.nbytes, r.alloc_at * SCALE, None if r.free_at is None else r.free_at * SCALE,
+                   r.category, r.phase, r.module, r.op, r.saved) for r in records]
         self.phases = [(name, event * SCALE) for name, event in phases]
         self.end = (end + 1) * SCALE
         self._before: dict[int, int] = {}

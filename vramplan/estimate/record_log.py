@@ -105,6 +105,24 @@ class Shifted:
             self._records = out
         return self._records
 
+    def scaled(self, scale: int) -> list:
+        """The run as new Record objects with every event times `scale`: `records()` copied and
+        rescaled, without making the records first (the handles' values as they are now)."""
+        off, limit, prefix = self.offset, self.limit, self.prefix
+        names = {}
+        out = []
+        append = out.append
+        for n, a, f, c, p, m, o, s in self.rows.rows:
+            name = names.get(p)
+            if name is None:
+                name = names[p] = prefix + p
+            append(Record(n, (a + off) * scale,
+                          None if f is None or (limit is not None and f > limit) else (f + off) * scale,
+                          c, name, m, o, s))
+        for i, r in self.handles.items():
+            out[i] = _scaled(r, scale)
+        return out
+
     def part(self, lo: int, hi: int) -> "Shifted":
         """Rows lo..hi-1 alone (a copied range that cuts this run)."""
         if lo == 0 and hi == self.rows.n:
@@ -166,6 +184,16 @@ class RecordLog:
         if self._flat is not None:
             self._flat.extend(records)
 
+    def scaled(self, scale: int) -> list:
+        """Copies of the records, in order, with every event times `scale` (what the distributed
+        rewrite starts from), made from the runs' rows without making their records first."""
+        if self._flat is not None:
+            return [_scaled(r, scale) for r in self._flat]
+        out = []
+        for run in self.runs + [self.tail]:
+            out.extend([_scaled(r, scale) for r in run] if isinstance(run, list) else run.scaled(scale))
+        return out
+
     def visible(self):
         """The Record objects the runs hold now (lists and handles): all a replay could reach."""
         for run in self.runs:
@@ -202,6 +230,11 @@ class RecordLog:
             return native.Columns(list(self), extra)
         return native.Columns.of_arrays(*made, default=Category.TEMPORARIES,
                                         records=lambda: list(self) + list(extra))
+
+
+def _scaled(r: Record, scale: int) -> Record:
+    return Record(r.nbytes, r.alloc_at * scale, None if r.free_at is None else r.free_at * scale, r.category,
+                  r.phase, r.module, r.op, r.saved)
 
 
 def _run_columns(runs: list) -> tuple | None:
