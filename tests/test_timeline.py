@@ -93,9 +93,10 @@ def test_a_phase_without_events_reports_what_is_live():
 @pytest.mark.parametrize("options", [{"model": "sd15", "method": "lora", "gpu": "8GB"},
                                      {"model": "sd15", "method": "lora", "gpus": "2x6GB"}])
 def test_a_search_leaves_no_cyclic_garbage(options):
-    """fit's search freezes what it leaves alive (`gc_paused(freeze=True)`): that is only safe
-    while nothing it drops is held by a reference cycle, which the collector would then never
-    find. Run it with the collector off and unfrozen, and count what a collection finds."""
+    """The CLI freezes what fit's search leaves alive (`gc_paused(freeze=True)`): that is only
+    safe while nothing the search drops is held by a reference cycle, which the collector would
+    then never find. Run it with the collector off and unfrozen, and count what a collection
+    finds."""
     import gc
 
     import vramplan.estimate.step as step

@@ -25,11 +25,12 @@ def gc_paused(freeze: bool = False):
     live until it returns; the collector, triggered every 700 allocations, would rescan them
     again and again for nothing: a fifth of the run. Reference counting still frees garbage.
 
-    `freeze`: what the block leaves alive (fit's kept replays and graphs, some 7 * 10^5 objects)
-    is moved to the collector's permanent generation (`gc.freeze`) before it is turned back on.
-    Else the first collection after the block scans all of it, young as it is: 0.2-0.3 s after
-    an SDXL search, which leaves no cyclic garbage to find (tests/test_timeline.py checks).
-    Frozen objects are still freed by reference counting when dropped.
+    `freeze`: what is alive when the block ends (after a fit search, its kept replays and graphs,
+    some 7 * 10^5 objects) is moved to the collector's permanent generation (`gc.freeze`) before
+    it is turned back on. Else the first collection after the block scans all of it, young as it
+    is: 0.2-0.3 s after an SDXL search, which leaves no cyclic garbage to find (tests/test_timeline.py
+    checks). Frozen objects are still freed by reference counting when dropped, but a cycle
+    through one is never collected: for a process about to end (the CLI), not a library call.
     """
     enabled = gc.isenabled()
     gc.disable()

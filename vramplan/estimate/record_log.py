@@ -90,24 +90,22 @@ class Shifted:
     def records(self) -> list:
         """The run as Record objects (made once; the handles are themselves)."""
         if self._records is None:
-            off, limit, prefix = self.offset, self.limit, self.prefix
-            names = {}
-            out = []
-            append = out.append
-            for n, a, f, c, p, m, o, s in self.rows.rows:
-                name = names.get(p)
-                if name is None:
-                    name = names[p] = prefix + p
-                append(Record(n, a + off, None if f is None or (limit is not None and f > limit) else f + off,
-                              c, name, m, o, s))
+            out = self._made(1)
             for i, rec in self.handles.items():
                 out[i] = rec
             self._records = out
         return self._records
 
     def scaled(self, scale: int) -> list:
-        """The run as new Record objects with every event times `scale`: `records()` copied and
-        rescaled, without making the records first (the handles' values as they are now)."""
+        """The run as new Record objects with every event times `scale` (`records()` copied and
+        rescaled, without making the records first; the handles' values as they are now)."""
+        out = self._made(scale)
+        for i, r in self.handles.items():
+            out[i] = _scaled(r, scale)
+        return out
+
+    def _made(self, scale: int) -> list:
+        """Every row as a fresh Record, events times `scale` (handles included, as rows)."""
         off, limit, prefix = self.offset, self.limit, self.prefix
         names = {}
         out = []
@@ -119,8 +117,6 @@ class Shifted:
             append(Record(n, (a + off) * scale,
                           None if f is None or (limit is not None and f > limit) else (f + off) * scale,
                           c, name, m, o, s))
-        for i, r in self.handles.items():
-            out[i] = _scaled(r, scale)
         return out
 
     def part(self, lo: int, hi: int) -> "Shifted":

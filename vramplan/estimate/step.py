@@ -26,7 +26,7 @@ from vramplan.estimate.optimizer_step import clip_scalars, step_transients
 from vramplan.estimate.adapters import adapted, readapted
 from vramplan.estimate.concrete import concretize
 from vramplan.estimate.record_log import RecordLog, Rows, Shifted
-from vramplan.estimate.replay import Clock, Replayed, ReplayOptions, Replayer
+from vramplan.estimate.replay import Clock, Replayed, ReplayOptions, Replayer, cuda_rounded
 from vramplan.estimate.resize import resized_bytes, sizes_of
 from vramplan.estimate.traces import attention_name, graph_for
 from vramplan.estimate.weights import resident_components, weight_tensors
@@ -168,13 +168,9 @@ def _as_rows(made: tuple) -> tuple:
     return Rows(tuple(rows)), length
 
 
-def _rounded(nbytes: int) -> int:
-    return -(-nbytes // 512) * 512    # replay.cuda_rounded, as Clock.alloc rounds
-
-
 def _load_rows(weights: list) -> tuple[list, int]:
     """Every weight on the card, loaded once and never freed (as `Clock.alloc` would record them)."""
-    return [(_rounded(t.nbytes), i, None, t.category, "load", t.name, "", False)
+    return [(cuda_rounded(t.nbytes), i, None, t.category, "load", t.name, "", False)
             for i, t in enumerate(weights, 1)], len(weights)
 
 
@@ -186,7 +182,7 @@ def _optimizer_rows(spec: TrainingSpec, inventories: dict, trained: dict, first_
     state_size = ITEMSIZE[trainable_dtype(spec)]
     rows = []
     if first_step:
-        rows = [(_rounded(s.nbytes), i, None, Category.OPTIMIZER_STATES, "optimizer", "", "", False)
+        rows = [(cuda_rounded(s.nbytes), i, None, Category.OPTIMIZER_STATES, "optimizer", "", "", False)
                 for i, s in enumerate(device_states(spec, inventories, trained, state_size), 1)]
     now = len(rows)
     waves = [clip_scalars(sum(len(ts) for ts in trained.values()))]
@@ -199,7 +195,7 @@ def _optimizer_rows(spec: TrainingSpec, inventories: dict, trained: dict, first_
     temporaries = Category.TEMPORARIES
     for wave in waves:
         k = len(wave)
-        rows += [(_rounded(n), now + i, now + k + i, temporaries, "optimizer", "", "", False)
+        rows += [(cuda_rounded(n), now + i, now + k + i, temporaries, "optimizer", "", "", False)
                  for i, n in enumerate(wave, 1)]
         now += 2 * k
     return rows, now

@@ -22,12 +22,19 @@ are lower bounds, so every candidate is decided as its estimate would decide it.
 estimated, the values it hopes for are probed with every other free axis at its cheapest (see
 `_Search._probes_fit`), and one failed probe rules out the whole family of such trade-offs.
 
+A candidate is decided by its estimate's device used alone (`estimated_device_used`: the records
+and the allocator's replay, not the composition and phase peaks); the plans listed get their
+whole estimate. A floor's records, with their workspaces and C arrays, are handed on to that
+decision, and its allocator replay to the whole estimate (`footprint_build.Prepared`). Where a
+floor needs a denoiser replayed afresh, the forward is checked before the backward is replayed
+(`device_floor`'s `over`): without checkpointing, or with a larger quantized base, the forward
+alone often rules the candidate out.
+
 Measured (scripts/benchmark_fit.py, 2 cores): one estimate when the best plan fits outright; SD 1.5
 DreamBooth on 12 GB in 5; SDXL LoRA on 8 GB, where little fits, in 18 estimates and 27 device
-floors, about 2.0 s searching (2.6 s with imports): 5 denoiser replays (the other 5 ranks are
-resized, `estimate/resize.py`) and the candidates' records outside them are most of it. A
-floor's records, with their workspaces and C arrays, are handed on to the estimate of the same
-candidate (`footprint_build.prepare`).
+floors, about 1.3-1.5 s searching: 2 denoiser replays, 5 forwards that stop there, 5 resized to
+another rank (`estimate/resize.py`), the adapters spliced into 3 graphs, and some 15 ms per
+candidate over the rest.
 
 A plan fits when its device use plus the safety margin is within the card. With gradient
 accumulation the gradients stay alive between micro-steps, through the next forward; `estimate`
@@ -282,10 +289,10 @@ def device_floor(spec: TrainingSpec, over: Callable[[int], bool] | None = None) 
 
     `over(bytes)`: the caller rejects the candidate above that. Where the step's denoiser is
     replayed afresh (a replay costs more than the rest of the build), its forward is checked
-    first: the peak of the records so far, plus the context, is a lower bound too (every record
-    made so far is one of the step's, and more records only add to the live bytes), and when it
-    is `over`, that is the floor returned: no backward, nothing kept. Without checkpointing the
-    activations a forward keeps rule most such candidates out."""
+    first: the records so far are the step's first ones, and what is live at each event so far
+    is what the whole step has live there, so their peak plus the context is a lower bound too.
+    When it is `over`, that is the floor returned: no backward, nothing kept. Without
+    checkpointing, the activations a forward keeps rule most such candidates out."""
     from vramplan.estimate.step import build_timeline
     from vramplan.footprint_build import prepare
 
@@ -409,12 +416,10 @@ class _Search:
         if key not in _USED:
             self.estimates += 1
         try:
-            result = self.estimator(spec)
+            result = _ESTIMATES[key] = self.estimator(spec)
         except UsageError as error:
-            self.unavailable.setdefault(str(error), spec)
-            self._ban(spec, str(error))
-            result = None
-        _ESTIMATES[key] = result
+            self._cannot_count(spec, key, error)
+            return None
         return result
 
     def device_used(self, spec: TrainingSpec) -> int | None:
@@ -436,11 +441,16 @@ class _Search:
         try:
             used = _USED[key] = estimated_device_used(spec)
         except UsageError as error:
-            self.unavailable.setdefault(str(error), spec)
-            self._ban(spec, str(error))
-            _ESTIMATES[key] = None
+            self._cannot_count(spec, key, error)
             return None
         return used
+
+    def _cannot_count(self, spec: TrainingSpec, key: str, error: UsageError) -> None:
+        """The analytic tier cannot count this spec: say why once, leave out the axis values
+        that select it (`_ban`), and remember it (never listed, never pruning others)."""
+        self.unavailable.setdefault(str(error), spec)
+        self._ban(spec, str(error))
+        _ESTIMATES[key] = None
 
     def _ban(self, spec: TrainingSpec, message: str) -> None:
         """A missing recorded trace names the variant it was for ("unet.amp-frozen-nf4.sdpa"):
@@ -714,9 +724,9 @@ def search(request: FitRequest, estimator: Estimator | None = None,
            margin: SafetyMargin | None = None) -> FitResult:
     """The best plans for the request, best first, or why none fits."""
     # millions of short-lived records and next to no reference cycles: the cyclic collector's
-    # passes over everything alive (kept replays included) took a third of an SDXL search, and
-    # one pass over what the search keeps, once the collector is back on, another 0.2-0.3 s
-    with gc_paused(freeze=True):
+    # passes over everything alive (kept replays included) took a third of an SDXL search. (The
+    # CLI also freezes what the search leaves alive, `cli._searching`.)
+    with gc_paused():
         return _search(request, estimator, margin)
 
 
