@@ -66,6 +66,7 @@ def warm(options: dict) -> dict:
     import vramplan.fit.walk as walk
     from vramplan.fit import fit_request, search
     from vramplan.spec import build_spec
+    from vramplan.timeline import gc_paused
 
     search(fit_request(build_spec(options)))          # load the model's traces once
     inside, floors = [], []
@@ -87,7 +88,8 @@ def warm(options: dict) -> dict:
     step.clear_reuse()
     try:
         start = time.perf_counter()
-        result = search(fit_request(build_spec(options)))
+        with gc_paused(freeze=True):              # as the CLI searches
+            result = search(fit_request(build_spec(options)))
         seconds = time.perf_counter() - start
     finally:
         walk._default_estimator, walk.device_floor = real_estimator, real_floor
@@ -125,6 +127,7 @@ def breakdown(options: dict) -> dict:
     import vramplan.fit.walk as walk
     from vramplan.fit import fit_request, search
     from vramplan.spec import build_spec
+    from vramplan.timeline import gc_paused
 
     search(fit_request(build_spec(options)))
     own, calls, stack, restore = {}, {}, [], []
@@ -157,7 +160,8 @@ def breakdown(options: dict) -> dict:
     step.clear_reuse()
     try:
         start = time.perf_counter()
-        search(fit_request(build_spec(options)))
+        with gc_paused(freeze=True):              # as the CLI searches
+            search(fit_request(build_spec(options)))
         total = time.perf_counter() - start
     finally:
         for owner, name, function in reversed(restore):

@@ -144,7 +144,7 @@ class FitResult:
     closest: Plan | None = None      # nothing fits: the plan with the least memory
     blockers: tuple[Blocker, ...] = ()
     smallest_card: Gpu | None = None  # nothing fits: the smallest catalog card the closest plan fits
-    estimates: int = 0               # estimate() calls made
+    estimates: int = 0               # candidates whose estimate was counted (device used alone, or whole)
     decided_free: int = 0            # candidates decided without one
     seconds: float = 0.0
     notes: tuple[str, ...] = ()
