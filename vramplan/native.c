@@ -42,7 +42,7 @@ typedef struct {            /* one size class of a pool: its free blocks, sorted
    buckets by size class (floor(log2(size))): every size in a bucket is below every size in the
    next, so the order across buckets is the pool's order. Why: one sorted array meant moving
    half of it on every insert and removal, most of the replay's time (an SDXL step: some 8 million
-   entries moved); a bucket holds a few of those. */
+   entries moved); an insert or removal now moves part of one size class only. */
 #define N_BUCKETS 64
 typedef struct {
     Bucket buckets[N_BUCKETS];
