@@ -70,11 +70,13 @@ class Prepared:
     """A step's records made ready for `build_footprint`: its workspaces, and the records with
     them as C arrays (None without `vramplan.native`). fit's lower bound makes these for each
     candidate and hands them to the estimate of the same candidate, which would make them again;
-    fit's decision (`device_used_bytes`) adds the allocator's replay of them."""
+    fit's decision (`device_used_bytes`) adds the allocator's replay of them, and reads the
+    peak the lower bound found."""
 
     workspaces: list
     columns: object
     allocator: object = None
+    peak: int | None = None          # the tensors' peak over them, once fit's lower bound took it
 
 
 def prepare(records: list, phases: list, gpu: Gpu | None, checkpointing: bool = False) -> Prepared:
@@ -105,10 +107,13 @@ def device_used_bytes(records, phases: list, gpu: Gpu | None, checkpointing: boo
 
     prepared = prepared or prepare(records, phases, gpu, checkpointing)
     columns = prepared.columns
-    peak = native.peak_live_bytes(columns) if columns is not None else None
-    if peak is None:
+    peak = prepared.peak
+    if peak is None and columns is not None:
+        peak = native.peak_live_bytes(columns)
+    if peak is None or columns is None:      # the Python versions read the workspaces as records
         records = list(records) + list(prepared.workspaces)
-        peak = analyse(records, phases).peak_bytes
+        if peak is None:
+            peak = analyse(records, phases).peak_bytes
     if prepared.allocator is None:
         prepared.allocator = replay_allocator(records, columns)
     slack, reserve = allocator_overheads(peak, prepared.allocator)

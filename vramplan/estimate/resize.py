@@ -77,5 +77,5 @@ def resized_bytes(sizes: Sizes, graph: Concrete, low_dtype: str) -> list[int] | 
     for s in sizes.sources:
         kind, k = s & 3, s >> 2
         nbytes = s_bytes[k] if kind == 0 else t_bytes[k] if kind == 1 else workspaces[k] if kind == 2 else out[k]
-        append(-(-nbytes // 512) * 512)
+        append(-(-nbytes // 512) * 512)     # replay.cuda_rounded, inlined: once per row
     return out

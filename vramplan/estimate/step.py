@@ -601,8 +601,8 @@ def _replayed(clock: Clock, key: tuple | None, inventories: dict | None, replay,
 
 def _unlinked(result: Replayed) -> Replayed:
     """The result without its Replayer, whose `result` it is: that cycle would keep the step's
-    records from reference counting, and fit's search freezes what the collector has not freed
-    (`timeline.gc_paused`)."""
+    records from reference counting, and the CLI freezes what fit's search leaves for the
+    collector (`timeline.gc_paused(freeze=True)`)."""
     result.replayer = None
     return result
 

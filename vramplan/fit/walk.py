@@ -317,7 +317,8 @@ def device_floor(spec: TrainingSpec, over: Callable[[int], bool] | None = None) 
     (rw if spec.is_distributed else timeline).prepared = prepared
     if last_event is not None:
         last_event = max([last_event] + [e for _, e in phases])
-    return peak_live_bytes(records, prepared.workspaces, last_event, prepared.columns) + cuda_context_bytes(spec.gpu)
+    prepared.peak = peak_live_bytes(records, prepared.workspaces, last_event, prepared.columns)
+    return prepared.peak + cuda_context_bytes(spec.gpu)
 
 
 def estimated_device_used(spec: TrainingSpec) -> int:
