@@ -107,7 +107,12 @@ def warm(options: dict) -> dict:
 PARTS = [
     ("vramplan.estimate.replay", "Replayer.forward", "graph replay, forward"),
     ("vramplan.estimate.replay", "Replayer.backward", "graph replay, backward"),
+    ("vramplan.estimate.native_replay", "replay", "graph replay in C, and its rows"),
+    ("vramplan.estimate.native_replay", "_Structure.__init__", "graph structures for C"),
     ("vramplan.estimate.step", "_adapted_graph", "adapters spliced into graphs"),
+    ("vramplan.estimate.step", "_place_rows", "load and optimizer rows"),
+    ("vramplan.estimate.step", "_repeat_step", "second step copied"),
+    ("vramplan.estimate.step", "_resized_window", "replays resized to another rank"),
     ("vramplan.estimate.step", "_build_timeline", "records of the step (the rest of it)"),
     ("vramplan.native", "Columns.__init__", "records handed to C"),
     ("vramplan.estimate.record_log", "RecordLog.columns", "records handed to C"),

@@ -20,6 +20,7 @@ from array import array
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("native.c")
+SOURCES = (SOURCE, Path(__file__).with_name("native_replay.c"))   # native_replay.c: a graph's replay
 _STATE: dict = {}          # "lib": the loaded library or None (tried, not available)
 
 
@@ -38,7 +39,7 @@ def _compiler() -> str | None:
 
 def library_path() -> Path:
     """Where this source's build lives: a new source (or Python, or machine) gets a new name."""
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES)).hexdigest()[:16]
     return cache_dir() / f"native-{digest}-{sys.implementation.cache_tag}-{platform.machine()}.so"
 
 
@@ -55,7 +56,7 @@ def _build(target: Path) -> bool:
     os.close(fd)
     try:
         try:
-            done = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", tmp, str(SOURCE)],
+            done = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", tmp, *map(str, SOURCES)],
                                   capture_output=True, timeout=120)
         except (OSError, subprocess.SubprocessError):
             return False

@@ -29,13 +29,21 @@ class Rows:
     """Records relative to an event, as tuples (nbytes, alloc_at, free_at or None, category,
     phase, module, op, saved) in record order, with their columns made on first use."""
 
-    __slots__ = ("rows", "n", "_columns", "_ops")
+    __slots__ = ("_rows", "n", "_columns", "_ops", "op_names")
 
-    def __init__(self, rows: tuple):
-        self.rows = rows
+    def __init__(self, rows: tuple, op_names: frozenset | None = None):
+        self._rows = rows
         self.n = len(rows)
         self._columns = None
         self._ops: dict = {}
+        self.op_names = op_names     # every row's op is one of these (None: not known)
+
+    @property
+    def rows(self) -> tuple:
+        return self._rows
+
+    def row(self, i: int) -> tuple:
+        return self.rows[i]
 
     @classmethod
     def of(cls, records, base: int = 0) -> "Rows":
@@ -58,9 +66,41 @@ class Rows:
     def allocs_of(self, ops: frozenset) -> list:
         """(row, alloc_at) of the rows whose op is in `ops`, in row order."""
         found = self._ops.get(ops)
+        if found is None and self.op_names is not None and self.op_names.isdisjoint(ops):
+            found = self._ops[ops] = []
         if found is None:
-            found = self._ops[ops] = [(i, r[1]) for i, r in enumerate(self.rows) if r[6] in ops]
+            found = self._ops[ops] = self._allocs_of(ops)
         return found
+
+    def _allocs_of(self, ops: frozenset) -> list:
+        return [(i, r[1]) for i, r in enumerate(self.rows) if r[6] in ops]
+
+
+class ColumnRows(Rows):
+    """Rows kept as their columns (made in C, or another window's rows resized), the tuples made
+    only if the whole of them is read (`make()`): a step reads its replays' rows through the
+    columns, and a few rows (its handles) through `row(i)`. Why: the tuples of an SDXL denoiser
+    replay are some 50 000 objects, made for nothing when only the C arrays read them."""
+
+    __slots__ = ("_make", "_row", "_allocs")
+
+    def __init__(self, n: int, columns: tuple | None, make, row=None, op_names: frozenset | None = None,
+                 allocs=None):
+        super().__init__((), op_names)
+        self._rows, self.n, self._columns = None, n, columns
+        self._make, self._row, self._allocs = make, row, allocs
+
+    @property
+    def rows(self) -> tuple:
+        if self._rows is None:
+            self._rows = self._make()
+        return self._rows
+
+    def row(self, i: int) -> tuple:
+        return self._rows[i] if self._rows is not None or self._row is None else self._row(i)
+
+    def _allocs_of(self, ops: frozenset) -> list:
+        return self._allocs(ops) if self._allocs is not None and self._rows is None else super()._allocs_of(ops)
 
 
 class Shifted:
@@ -82,7 +122,7 @@ class Shifted:
 
     def record(self, i: int) -> Record:
         """Row i as a fresh Record (what the run holds there, handles aside)."""
-        n, a, f, c, p, m, o, s = self.rows.rows[i]
+        n, a, f, c, p, m, o, s = self.rows.row(i)
         off, limit = self.offset, self.limit
         free = None if f is None or (limit is not None and f > limit) else f + off
         return Record(n, a + off, free, c, self.prefix + p, m, o, s)

@@ -18,14 +18,17 @@ clock (`_Window`): the same records, in the same order, at the same distances.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from vramplan.estimate.optimizer import optimizer_state_tensors
 from vramplan.estimate.optimizer_step import clip_scalars, step_transients
+from vramplan.estimate import native_replay
 from vramplan.estimate.adapters import adapted, readapted
 from vramplan.estimate.concrete import concretize
-from vramplan.estimate.record_log import RecordLog, Rows, Shifted
+from vramplan.estimate.record_log import ColumnRows, RecordLog, Rows, Shifted
 from vramplan.estimate.replay import Clock, Replayed, ReplayOptions, Replayer, cuda_rounded
 from vramplan.estimate.resize import resized_bytes, sizes_of
 from vramplan.estimate.traces import attention_name, graph_for
@@ -145,7 +148,8 @@ def _build_timeline(spec: TrainingSpec, inventories: dict, check=None) -> StepTi
         clock.phase(prefix + "optimizer")
         first_step = step == 0
         _place_rows(clock, spec, inventories, lambda: _optimizer_rows(spec, inventories, trained, first_step),
-                    prefix, "optimizer rows", spec.optimizer, spec.momentum, spec.ema, first_step)
+                    prefix, "optimizer rows", trainable_dtype(spec), spec.optimizer, spec.momentum, spec.ema,
+                    first_step, kept=kept_for_trained)
         for rec in grads:
             clock.free(rec)   # optimizer.zero_grad(set_to_none=True)
         for rec in batch:
@@ -153,19 +157,21 @@ def _build_timeline(spec: TrainingSpec, inventories: dict, check=None) -> StepTi
     return out
 
 
-def _place_rows(clock: Clock, spec: TrainingSpec, inventories: dict, make, prefix: str, *parts) -> None:
+def _place_rows(clock: Clock, spec: TrainingSpec, inventories: dict, make, prefix: str, *parts,
+                kept=None) -> None:
     """Rows no later code changes -- `make()`: (rows from event 1, events taken) -- placed as one
     run, phases with `prefix`; made once for the specs with the same trainable tensors and
-    weights and `parts` (`kept_for_tensors`). The load and optimizer phases are some 10 000
-    records of an SDXL step that only those decide."""
-    rows, length = kept_for_tensors(spec, inventories, lambda: _as_rows(make()), *parts)
+    weights and `parts` (`kept_for_tensors`; or `kept`: the optimizer's rows only read the
+    trained tensors, `kept_for_trained`). The load and optimizer phases are some 10 000 records
+    of an SDXL step that only those decide."""
+    rows, length = (kept or kept_for_tensors)(spec, inventories, lambda: _as_rows(make()), *parts)
     clock.place(Shifted(rows, clock.now, prefix=prefix))
     clock.now += length
 
 
 def _as_rows(made: tuple) -> tuple:
     rows, length = made
-    return Rows(tuple(rows)), length
+    return Rows(tuple(rows), op_names=frozenset({""})), length   # the load and optimizer phases name no op
 
 
 def _load_rows(weights: list) -> tuple[list, int]:
@@ -276,13 +282,15 @@ def _one_step(spec, inventories, trained, resident, clock: Clock, prefix: str, o
     if spec.base_quant is not BaseQuant.NONE:
         variant += f"-{spec.base_quant.value}"
 
+    def options() -> ReplayOptions:
+        return ReplayOptions(trainable=method.parameter_filter(spec, denoiser, inventories),
+                             inputs_require_grad=frozenset(_denoiser_rg_inputs(spec, trained_tes)),
+                             gradient_checkpointing=spec.gradient_checkpointing,
+                             phase_prefix=prefix, low_dtype=spec.precision.low_dtype)
+
     def replay_denoiser() -> Replayed:
         graph = _adapted_graph(spec, inventories, method, denoiser, variant, env)
-        rep = Replayer(graph, ReplayOptions(trainable=method.parameter_filter(spec, denoiser, inventories),
-                                            inputs_require_grad=frozenset(_denoiser_rg_inputs(spec, trained_tes)),
-                                            gradient_checkpointing=spec.gradient_checkpointing,
-                                            phase_prefix=prefix, low_dtype=spec.precision.low_dtype),
-                       clock)
+        rep = Replayer(graph, options(), clock)
         rep.forward()
         if check is not None:
             check(clock.records)
@@ -292,6 +300,24 @@ def _one_step(spec, inventories, trained, resident, clock: Clock, prefix: str, o
         replayed.replayer = rep
         return replayed
 
+    def replay_in_c(pins: tuple) -> _Window | None:
+        """The same replay in C (`native_replay.py`) as a window, None where it does not run."""
+        def checked(rows: Rows) -> None:
+            # the forward's rows placed after the records so far, for the lower bound to read
+            clock.place(Shifted(rows, clock.now))
+            try:
+                check(clock.records)
+            finally:
+                clock.runs.pop()
+
+        graph = _adapted_graph(spec, inventories, method, denoiser, variant, env)
+        made = native_replay.replay(graph, options(), None if check is None else checked)
+        if made is None:
+            return None
+        return _Window(pins=pins, rows=made.rows, phases=((prefix + "backward", made.backward_at),),
+                       length=made.length, unknown_ops=made.unknown_ops, saved_by_module=made.saved_by_module,
+                       param_grads=made.param_grads, input_grads=made.input_grads, sizes=made.sizes)
+
     # the denoiser's forward and backward: decided by the spec's replayed fields and which text
     # encoders train (their outputs require grad); at another rank, the same replay resized
     key = _replay_key(spec, inventories, method, "denoiser", variant, tuple(trained_tes), prefix)
@@ -299,7 +325,7 @@ def _one_step(spec, inventories, trained, resident, clock: Clock, prefix: str, o
                             ignore=frozenset({"rank", "alpha"}))
     result = _replayed(clock, key, inventories, replay_denoiser, resize=(
         sizes_key, lambda: _adapted_graph(spec, inventories, method, denoiser, variant, env),
-        spec.precision.low_dtype))
+        spec.precision.low_dtype), in_c=replay_in_c)
     out.unknown_ops |= result.unknown_ops
     if not prefix:
         out.saved_by_module.update(result.saved_by_module)
@@ -393,6 +419,7 @@ def clear_reuse() -> None:
     _TENSORS.items.clear()
     _SHARED.items.clear()
     _HANDED_ON.clear()
+    native_replay.clear()
 
 
 def _same(pins: tuple, others: tuple) -> bool:
@@ -469,27 +496,34 @@ def step_tensors(spec: TrainingSpec, inventories: dict) -> tuple[dict, list]:
 NOT_TRAINED = NOT_WEIGHTS | {"precision", "base_quant", "cache_latents", "cache_text_embeddings", "ema"}
 
 
+def kept_for_trained(spec: TrainingSpec, inventories: dict, make, *parts):
+    """`make()`, kept for the specs with the same trainable tensors (the spec less NOT_TRAINED)
+    and `parts`: what only the trained tensors and `parts` decide. Read-only for callers."""
+    method = get_method(spec.method)
+    key = tensors_key(spec, inventories, method)
+    if key is not None:
+        key = (key[0], tuple(kv for kv in key[1] if kv[0] not in NOT_TRAINED), key[2], "trained") + parts
+    return _kept(_TENSORS, key, tuple(inventories.values()), make)
+
+
 def trained_tensors(spec: TrainingSpec, inventories: dict) -> dict:
     """The method's trainable tensors by component (read-only), shared by fit's candidates that
     differ in precision, quantization, caching or EMA (some 20 distinct weights per SDXL search
     come down to its 3 ranks)."""
-    method = get_method(spec.method)
-    key = tensors_key(spec, inventories, method)
-    if key is not None:
-        key = (key[0], tuple(kv for kv in key[1] if kv[0] not in NOT_TRAINED), key[2], "trained")
-    return _kept(_TENSORS, key, tuple(inventories.values()), lambda: method.trainable_tensors(spec, inventories))
+    return kept_for_trained(spec, inventories, lambda: get_method(spec.method).trainable_tensors(spec, inventories))
 
 
 def device_states(spec: TrainingSpec, inventories: dict, trained: dict, state_size: int) -> list:
     """The optimizer's states on the card (read-only): one optimizer over every trained tensor,
-    component by component, so that what it shares (bitsandbytes' qmaps) is counted once."""
+    component by component, so that what it shares (bitsandbytes' qmaps) is counted once.
+    `trained`: the spec's `trained_tensors`."""
     def make():
         tensors = [t for ts in trained.values() for t in ts]
         states = optimizer_state_tensors(spec.optimizer, [t.shape for t in tensors], state_size, spec.momentum,
                                          zero_params=[t.zero_init for t in tensors])
         return [s for s in states if not s.on_host]
 
-    return kept_for_tensors(spec, inventories, make, "states", spec.optimizer, spec.momentum)
+    return kept_for_trained(spec, inventories, make, "states", spec.optimizer, spec.momentum, state_size)
 
 
 def _adapted_graph(spec: TrainingSpec, inventories: dict, method, component: str, variant: str, env: dict):
@@ -541,10 +575,18 @@ class _Window:
         """The rows the step frees or changes after the replay (its result's records)."""
         return [i for _, i in self.param_grads + self.input_grads]
 
+    @functools.cached_property
+    def _handles(self) -> list[tuple]:
+        """(row, its tuple) of each handle: read once, for every apply (an SDXL LoRA has some
+        1 100, from rows kept as columns or resized from another window's)."""
+        return [(i, self.rows.row(i)) for i in self.handle_rows]
+
     def apply(self, clock: Clock) -> Replayed:
         base = clock.now
         run = Shifted(self.rows, base)
-        run.handles = {i: run.record(i) for i in self.handle_rows}
+        # run.record(i), for a run placed at `base` without a limit or prefix
+        run.handles = {i: Record(n, a + base, None if f is None else f + base, c, p, m, o, s)
+                       for i, (n, a, f, c, p, m, o, s) in self._handles}
         clock.place(run)
         clock.phases.extend((name, event + base) for name, event in self.phases)
         clock.now = base + self.length
@@ -553,11 +595,13 @@ class _Window:
                         input_grads={role: run.handles[i] for role, i in self.input_grads})
 
 
-def _replayed(clock: Clock, key: tuple | None, inventories: dict | None, replay, resize: tuple | None = None
-              ) -> Replayed:
+def _replayed(clock: Clock, key: tuple | None, inventories: dict | None, replay, resize: tuple | None = None,
+              in_c=None) -> Replayed:
     """`replay()` on the clock, or what it did the last time under `key`, re-applied. `resize`:
     (the key less the sizes, a function giving this replay's graph, its 16-bit dtype): a
-    replay under the first at other sizes, resized to this graph where it can be (`resize.py`)."""
+    replay under the first at other sizes, resized to this graph where it can be (`resize.py`).
+    `in_c(pins)`: the same replay made in C as a window (`native_replay.py`), or None where it
+    does not run (then `replay()`)."""
     if key is None:
         return _unlinked(replay())
     pins = tuple((inventories or {}).values())
@@ -570,6 +614,12 @@ def _replayed(clock: Clock, key: tuple | None, inventories: dict | None, replay,
             _WINDOWS.put(key, window)
             _RESIZABLE.put(resize[0], window)
             return window.apply(clock)
+    window = in_c(pins) if in_c is not None else None
+    if window is not None:
+        _WINDOWS.put(key, window)
+        if resize is not None and resize[0] is not None:
+            _RESIZABLE.put(resize[0], window)
+        return window.apply(clock)
     base, first, first_phase, open_run = clock.now, len(clock.open), len(clock.phases), clock.open
     earlier = list(clock.records.visible())       # what a replay could reach: the rest are rows
     before = [(r.free_at, r.category, r.saved) for r in earlier]
@@ -620,5 +670,9 @@ def _resized_window(resize: tuple, pins: tuple) -> _Window | None:
     saved: dict = {}
     for module, row in known.sizes.saved_from:
         saved[module] = saved.get(module, 0) + nbytes[row]
-    rows = Rows(tuple((n,) + row[1:] for n, row in zip(nbytes, known.rows.rows)))
+    like = known.rows
+    columns = like.columns()
+    rows = ColumnRows(len(nbytes), None if columns is None else (array("q", nbytes),) + columns[1:],
+                      make=lambda: tuple((n,) + row[1:] for n, row in zip(nbytes, like.rows)),
+                      row=lambda i: (nbytes[i],) + like.row(i)[1:], op_names=like.op_names, allocs=like.allocs_of)
     return dataclasses.replace(known, rows=rows, saved_by_module=tuple(saved.items()))

@@ -66,7 +66,7 @@ from vramplan.errors import UsageError
 from vramplan.estimate.optimizer import optimizer_state_tensors
 from vramplan.estimate.overheads import cublas_workspace_bytes, cuda_context_bytes
 from vramplan.estimate.result import Estimate
-from vramplan.estimate.step import device_states, kept_for_tensors, step_tensors, tensors_key
+from vramplan.estimate.step import device_states, kept_for_tensors, kept_for_trained, step_tensors, tensors_key
 from vramplan.fit.margin import SafetyMargin, safety_margin
 from vramplan.fit.space import COUPLED, Axis, FitRequest, apply_values, combination_error, search_axes
 from vramplan.gpus import CATALOG, Gpu
@@ -267,7 +267,9 @@ def static_bytes(spec: TrainingSpec, inventories: dict) -> int:
     weights, gradients = kept_for_tensors(spec, inventories, lambda: (
         sum(t.nbytes for t in weights), sum(t.numel for ts in trained.values() for t in ts) * itemsize),
         "static bytes")
-    states = sum(s.nbytes for s in device_states(spec, inventories, trained, itemsize))
+    states = kept_for_trained(spec, inventories, lambda: sum(
+        s.nbytes for s in device_states(spec, inventories, trained, itemsize)), "states bytes", spec.optimizer,
+        spec.momentum, itemsize)
     return weights + states + gradients + cublas_workspace_bytes(spec.gpu) + cuda_context_bytes(spec.gpu)
 
 
