@@ -107,14 +107,30 @@ def console() -> int:
     without the interpreter's last collection over what the run left (about 0.1 s of a 0.5 s SDXL
     estimate, measured). Output is flushed and files closed by then; only objects in reference
     cycles lose their finalizers, and the process ends anyway. Tests call `main`, which leaves the
-    collector be."""
+    collector be.
+
+    A counting command then ends the process at once (`os._exit`, output flushed first): the
+    interpreter's teardown would free every object the run left one by one, some 0.06 s after an
+    SDXL fit (measured: `main` returning at 0.95 s, the process ending at 1.04 s). Counting
+    commands register no exit handlers and leave no file open: what they write is written
+    atomically before `main` returns."""
     import gc
 
     argv = sys.argv[1:]
-    if argv and argv[0] in COUNTING_COMMANDS and "--train" not in argv:
+    counting = bool(argv) and argv[0] in COUNTING_COMMANDS and "--train" not in argv
+    if counting:
         gc.disable()
     code = main(argv)
     gc.freeze()
+    if counting:
+        import os
+
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except (BrokenPipeError, ValueError):   # the reader left (`vramplan gpus | head`)
+            pass
+        os._exit(code)
     return code
 
 

@@ -226,6 +226,24 @@ static int radix_sort(uint64_t *keys, uint64_t *tmp, int64_t n, uint64_t max_key
     return 0;
 }
 
+/* The keys sorted, where each key is (bucket << shift) | low and the keys were made in
+   ascending order of `low` within each bucket: a stable counting sort by bucket then gives the
+   sorted order, in one pass over the keys and one over the buckets, where the buckets are few
+   (a step's clock: one event per allocation or free, so about as many buckets as keys); a radix
+   sort otherwise (the distributed rewrite's sparse events). */
+static int sort_keys(uint64_t *keys, uint64_t *tmp, int64_t n, uint64_t max_key, int shift) {
+    uint64_t buckets = (max_key >> shift) + 1;
+    if (buckets > (uint64_t)(4 * n + 65536)) return radix_sort(keys, tmp, n, max_key);
+    int64_t *start = calloc((size_t)buckets + 1, sizeof(int64_t));
+    if (!start) return -1;
+    for (int64_t i = 0; i < n; i++) start[(keys[i] >> shift) + 1]++;
+    for (uint64_t b = 0; b < buckets; b++) start[b + 1] += start[b];
+    for (int64_t i = 0; i < n; i++) tmp[start[keys[i] >> shift]++] = keys[i];
+    memcpy(keys, tmp, (size_t)n * sizeof(uint64_t));
+    free(start);
+    return 0;
+}
+
 /* The lowest and highest event of the records (those of more than 0 bytes only, when
    `skip_empty`) into *lo and *hi; *lo > *hi when there is none. */
 static void event_range(int64_t n, const int64_t *nbytes, const int64_t *alloc_at, const int64_t *free_at,
@@ -276,7 +294,7 @@ int vp_replay_allocator(int64_t n, const int64_t *nbytes, const int64_t *alloc_a
             m++;
         }
     }
-    if (radix_sort(keys, tmp, m, max_key) < 0) goto done;
+    if (sort_keys(keys, tmp, m, max_key, shift) < 0) goto done;
     uint64_t mask = ((uint64_t)1 << shift) - 1;
     for (int64_t k = 0; k < m; k++) {
         int64_t i = (int64_t)(keys[k] & mask);
@@ -334,7 +352,7 @@ int64_t vp_live_curve(int64_t n, const int64_t *nbytes, const int64_t *alloc_at,
             k++;
         }
     }
-    if (radix_sort(keys, tmp, k, max_key) < 0) goto done;
+    if (sort_keys(keys, tmp, k, max_key, shift) < 0) goto done;
     uint64_t mask = ((uint64_t)1 << shift) - 1;
     int64_t live = base, best = base;
     m = 0;

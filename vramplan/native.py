@@ -19,13 +19,15 @@ import sys
 from array import array
 from pathlib import Path
 
+from vramplan.cache import cache_root
+
 SOURCE = Path(__file__).with_name("native.c")
 SOURCES = (SOURCE, Path(__file__).with_name("native_replay.c"))   # native_replay.c: a graph's replay
 _STATE: dict = {}          # "lib": the loaded library or None (tried, not available)
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("VRAMPLAN_CACHE") or "~/.cache/vramplan").expanduser() / "native"
+    return cache_root() / "native"
 
 
 def _compiler() -> str | None:

@@ -43,7 +43,8 @@ typedef struct {           /* the graph, resolved to integers; see native_replay
        any differentiable input keeps it, triggers: arg codes); temps (arg code, count) */
     const int64_t *flags, *save_ptr, *save_kind, *save_value, *save_any, *trig_ptr, *trig_arg;
     const int64_t *temp_ptr, *temp_arg, *temp_count;
-    const int64_t *t_sid, *t_float, *t_param, *t_bytes, *t_dtype, *t_role, *rg0;
+    /* trainable: per parameter, whether it requires grad; role_rg: per graph input role */
+    const int64_t *t_sid, *t_float, *t_param, *t_bytes, *t_dtype, *t_role, *trainable, *role_rg;
     const int64_t *s_alloc, *s_bytes, *s_param, *s_free;   /* s_alloc -2: dropped; s_free -1: never */
     int64_t n_regions;
     const int64_t *r_first, *r_last, *r_in_ptr, *r_in, *r_out_ptr, *r_out;
@@ -53,6 +54,7 @@ typedef struct {           /* the graph, resolved to integers; see native_replay
     const int64_t *function_of, *function_end;                /* per op: function or -1 */
     const int64_t *ws;
     int64_t loss, arg_input, arg_weight, arg_bias;
+    const int64_t *cat_code;       /* the caller's code for each category (`vp_graph_copy` 3) */
 } Graph;
 
 typedef struct { int64_t *v; int64_t len, cap; } Vec;
@@ -527,7 +529,12 @@ Replay *vp_graph_forward(const Graph *g) {
         vp_graph_free(s);
         return NULL;
     }
-    memcpy(s->rg, g->rg0, (size_t)g->n_tensors * sizeof(int64_t));
+    /* which tensors require grad: trainable floating parameters, and the inputs whose role says so */
+    for (int64_t t = 0; t < g->n_tensors; t++) {
+        int64_t p = g->t_param[t], role = g->t_role[t];
+        s->rg[t] = p >= 0 ? g->trainable[p] && g->t_float[t] : 0;
+        if (role >= 0) s->rg[t] = g->role_rg[role];
+    }
     /* free lists by op (a counting sort: storage order within an op) */
     s->free_ptr = filled(g->n_ops + 1, 0);
     s->free_sid = filled(g->n_storages, 0);
@@ -573,14 +580,16 @@ void vp_graph_counts(const Replay *s, int64_t *out) {
 }
 
 /* Copy column `which` out (as many values as the counts say): 0 nbytes, 1 alloc_at, 2 free_at
-   (NEVER: not freed yet), 3 category, 4 phase (0 forward, 1 backward), 5 module, 6 op, 7 saved,
+   (NEVER: not freed yet), 3 category (as cat_code numbers it), 4 phase (0 forward, 1 backward), 5 module, 6 op, 7 saved,
    8 source (4*sid, 4*tid+1, 4*workspace+2, 4*record+3: a copy of that record), 9 the workspaces
    log, 10 aliases, 11 saved_from, 12 param grads, 13 input grads. */
 void vp_graph_copy(const Replay *s, int64_t which, int64_t *dest) {
     const int64_t *columns[] = {s->nbytes, s->alloc_at, s->free_at, s->cat, s->rphase, s->module, s->op, s->saved,
                                 s->source};
     const Vec *logs[] = {&s->workspaces, &s->aliases, &s->saved_from, &s->param_grads, &s->input_grads};
-    if (which < 9) {
+    if (which == 3) {
+        for (int64_t i = 0; i < s->n; i++) dest[i] = s->g->cat_code[s->cat[i]];
+    } else if (which < 9) {
         if (s->n) memcpy(dest, columns[which], (size_t)s->n * sizeof(int64_t));
     } else if (which < 14) {
         const Vec *v = logs[which - 9];

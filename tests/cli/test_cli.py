@@ -419,3 +419,18 @@ def test_real_estimate_plan_round_trip(capsys, tmp_path):
     # Notes may say which values were defaults; every number must be the same.
     assert {k: v for k, v in again.items() if k != "notes"} == \
         {k: v for k, v in first.items() if k != "notes"}
+
+
+@needs_estimate
+def test_the_command_ends_at_once_with_its_output_and_status():
+    """`vramplan` ends a counting command with `os._exit` (`cli.console`): everything printed
+    must still arrive, and the status must be main's (0, 1 when nothing fits, 2 for bad input)."""
+    done = python_m("fit", "--model", "sd15", "--method", "lora", "--gpu", "8GB", "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["method"] == "lora"
+    done = python_m("fit", "--model", "sdxl", "--method", "full", "--gpu", "4GB", "--json")
+    assert done.returncode == 1 and json.loads(done.stdout)["fits"] is False
+    done = python_m("fit", "--model", "sd15", "--gpu", "lots")
+    assert done.returncode == 2 and "error" in done.stderr
+    done = python_m("gpus")
+    assert done.returncode == 0 and len(done.stdout.splitlines()) > 10

@@ -14,12 +14,13 @@ import json
 import os
 from pathlib import Path
 
+from vramplan import cache
 from vramplan.estimate.graph import Graph, parse_graph
 from vramplan.models.catalog import ModelInfo
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("VRAMPLAN_CACHE", "~/.cache/vramplan")).expanduser() / "traces"
+    return cache.cache_root() / "traces"
 
 
 def _folder_key(model: ModelInfo) -> str:

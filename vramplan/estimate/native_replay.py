@@ -49,7 +49,8 @@ class _Graph(ctypes.Structure):
                 + [(n, _P) for n in ("op_name", "op_module", "in_ptr", "in_tid", "in_arg", "out_ptr", "out_tid",
                                      "flags", "save_ptr", "save_kind", "save_value", "save_any", "trig_ptr",
                                      "trig_arg", "temp_ptr", "temp_arg", "temp_count", "t_sid", "t_float",
-                                     "t_param", "t_bytes", "t_dtype", "t_role", "rg0", "s_alloc", "s_bytes",
+                                     "t_param", "t_bytes", "t_dtype", "t_role", "trainable", "role_rg", "s_alloc",
+                                     "s_bytes",
                                      "s_param", "s_free")]
                 + [("n_regions", _I)]
                 + [(n, _P) for n in ("r_first", "r_last", "r_in_ptr", "r_in", "r_out_ptr", "r_out", "region_of",
@@ -57,7 +58,8 @@ class _Graph(ctypes.Structure):
                 + [("n_functions", _I)]
                 + [(n, _P) for n in ("f_first", "f_last", "f_in_ptr", "f_in", "f_out_ptr", "f_out", "f_keep_ptr",
                                      "f_keep", "f_module", "function_of", "function_end", "ws")]
-                + [(n, _I) for n in ("loss", "arg_input", "arg_weight", "arg_bias")])
+                + [(n, _I) for n in ("loss", "arg_input", "arg_weight", "arg_bias")]
+                + [("cat_code", _P)])
 
 
 def _library():
@@ -251,16 +253,8 @@ def replay(g: Concrete, options: ReplayOptions, check=None) -> NativeReplay | No
         keep.append(column)
         return column.buffer_info()[0] if len(column) else 0
 
-    t_float = s.t_float
-    rg = [0] * len(g.t_sid)
-    for tid, name in enumerate(g.t_param):
-        if name is not None:
-            rg[tid] = int(bool(options.trainable(name)) and bool(t_float[tid]))
-    for role, tid in g.inputs.items():
-        rg[tid] = int(role in options.inputs_require_grad)
-    ws = [-1] * (4 * len(g.ops))
-    for i, (key, dtype) in convolutions(g, options.low_dtype).items():
-        ws[4 * i:4 * i + 4] = [workspace_bytes(key, dtype, kind) for kind in KINDS]
+    trainable = _q([bool(options.trainable(name)) for name in s.param_names])
+    role_rg = _q([role in options.inputs_require_grad for role in s.roles])
     graph = _Graph()
     graph.n_ops, graph.n_tensors, graph.n_storages = len(g.ops), len(g.t_sid), len(g.s_alloc)
     graph.n_params, graph.n_roles = len(s.param_names), len(s.roles)
@@ -277,7 +271,8 @@ def replay(g: Concrete, options: ReplayOptions, check=None) -> NativeReplay | No
                      "region_start"):
             setattr(graph, name, address(getattr(s, name)))
     graph.t_bytes, graph.s_bytes = address(_q(g.t_bytes)), address(_q(g.s_bytes))
-    graph.rg0, graph.ws = address(_q(rg)), address(_q(ws))
+    graph.trainable, graph.role_rg = address(trainable), address(role_rg)
+    graph.ws, graph.cat_code = address(_workspaces(g, options.low_dtype)), address(_CAT_CODE)
     graph.loss, graph.arg_input, graph.arg_weight, graph.arg_bias = s.loss, s.arg_input, s.arg_weight, s.arg_bias
 
     handle = lib.vp_graph_forward(ctypes.byref(graph))
@@ -287,7 +282,7 @@ def replay(g: Concrete, options: ReplayOptions, check=None) -> NativeReplay | No
         if check is not None:
             counts = _counts(lib, handle)
             nbytes, alloc_at, free_at, codes = (_column(lib, handle, k, counts[0]) for k in range(4))
-            check(ColumnRows(counts[0], (nbytes, alloc_at, free_at, _native_codes(codes)), make=None))
+            check(ColumnRows(counts[0], (nbytes, alloc_at, free_at, codes), make=None))
         backward_at = _counts(lib, handle)[1] + 1
         if lib.vp_graph_backward(handle) != 0:
             return None
@@ -309,14 +304,26 @@ def _column(lib, handle, which: int, n: int) -> array:
     return out
 
 
-_CODE = native.category_codes(Category.TEMPORARIES)[0]
-_NATIVE_CODE = [_CODE[c] for c in CATEGORIES]
+# the records' categories as `native.category_codes` numbers them (what record_log's columns hold)
+_CODE, _KINDS = native.category_codes(Category.TEMPORARIES)
+_CAT_CODE = _q([_CODE[c] for c in CATEGORIES])
+
+_WORKSPACES: list = []     # [(graph, low dtype, array)]: the last few graphs' (a graph replays with
+                           # checkpointing on and off)
 
 
-def _native_codes(codes: array) -> array:
-    """native_replay.c's category codes as `native.category_codes` numbers them."""
-    table = _NATIVE_CODE
-    return _q([table[c] for c in codes])
+def _workspaces(g: Concrete, low_dtype: str) -> array:
+    """Per op, its cuDNN workspace bytes by kind (KINDS), -1 for an op that is not a convolution."""
+    for known, dtype, ws in _WORKSPACES:
+        if known is g and dtype == low_dtype:
+            return ws
+    ws = [-1] * (4 * len(g.ops))
+    for i, (key, dtype) in convolutions(g, low_dtype).items():
+        ws[4 * i:4 * i + 4] = [workspace_bytes(key, dtype, kind) for kind in KINDS]
+    made = _q(ws)
+    _WORKSPACES.insert(0, (g, low_dtype, made))
+    del _WORKSPACES[4:]
+    return made
 
 
 def _result(lib, handle, s: _Structure, options: ReplayOptions, backward_at: int) -> NativeReplay:
@@ -330,13 +337,15 @@ def _result(lib, handle, s: _Structure, options: ReplayOptions, backward_at: int
     prefix = options.phase_prefix
     phase_labels = (prefix + "forward", prefix + "backward")
 
+    kinds = _KINDS
+
     def make_rows() -> tuple:
         return tuple(zip(nbytes.tolist(), alloc_at.tolist(), [None if f == NEVER else f for f in free_at.tolist()],
-                         [CATEGORIES[c] for c in cats], [phase_labels[p] for p in phases],
+                         [kinds[c] for c in cats], [phase_labels[p] for p in phases],
                          [module_labels[m] for m in modules], [op_labels[o] for o in ops], map(bool, saved)))
 
     def row(i: int) -> tuple:
-        return (nbytes[i], alloc_at[i], None if free_at[i] == NEVER else free_at[i], CATEGORIES[cats[i]],
+        return (nbytes[i], alloc_at[i], None if free_at[i] == NEVER else free_at[i], kinds[cats[i]],
                 phase_labels[phases[i]], module_labels[modules[i]], op_labels[ops[i]], bool(saved[i]))
 
     def allocs(names: frozenset) -> list:
@@ -344,18 +353,15 @@ def _result(lib, handle, s: _Structure, options: ReplayOptions, backward_at: int
                  for k, label in enumerate(op_labels) if label in names}
         return [(i, a) for i, o, a in zip(range(n), ops, alloc_at) if o in codes]
 
-    rows = ColumnRows(n, (nbytes, alloc_at, free_at, _native_codes(cats)), make=make_rows, row=row,
+    rows = ColumnRows(n, (nbytes, alloc_at, free_at, cats), make=make_rows, row=row,
                       op_names=frozenset(op_labels[o] for o in set(ops)), allocs=allocs)
+    saved_rows = tuple(zip(map(module_labels.__getitem__, saved_from[0::2]), saved_from[1::2]))
     by_module: dict = {}
-    saved_rows = []
-    for k in range(0, len(saved_from), 2):
-        module, row = module_labels[saved_from[k]], saved_from[k + 1]
+    for module, row in saved_rows:
         by_module[module] = by_module.get(module, 0) + nbytes[row]
-        saved_rows.append((module, row))
     sizes = Sizes(s.pins, options.low_dtype, tuple(source.tolist()),
-                  tuple((ws[k], KINDS[ws[k + 1]], bool(ws[k + 2])) for k in range(0, len(ws), 3)),
-                  tuple((aliases[k], aliases[k + 1], bool(aliases[k + 2])) for k in range(0, len(aliases), 3)),
-                  tuple(saved_rows))
+                  tuple(zip(ws[0::3], map(KINDS.__getitem__, ws[1::3]), map(bool, ws[2::3]))),
+                  tuple(zip(aliases[0::3], aliases[1::3], map(bool, aliases[2::3]))), saved_rows)
     names, roles = s.param_names, s.roles
     return NativeReplay(
         rows=rows, length=now, backward_at=backward_at, saved_by_module=tuple(by_module.items()),

@@ -16,9 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from vramplan.cache import cache_root
 
 DEFAULT_MARGIN = 0.03
 DEFAULT_SOURCE = ("default 3%: the estimate-vs-simulate tolerance; no CUDA profiles of this card "
@@ -56,8 +57,7 @@ def _cache_file(files: list[Path]) -> Path:
     for path in files:
         stat = path.stat()
         digest.update(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    base = Path(os.environ.get("VRAMPLAN_CACHE", "~/.cache/vramplan")).expanduser()
-    return base / "fit-margin" / f"{digest.hexdigest()[:16]}.json"
+    return cache_root() / "fit-margin" / f"{digest.hexdigest()[:16]}.json"
 
 
 def measured_band(root: Path, card: str) -> float | None:

@@ -18,10 +18,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
+from vramplan.cache import cache_root, write_atomic
 from vramplan.errors import UsageError
 from vramplan.models.catalog import MODELS, Component, ModelInfo
 from vramplan.models.inventory import INVENTORY_FORMAT, Inventory, inventory_from_json, load_inventory
@@ -206,7 +205,7 @@ def dump_inventory(data: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("VRAMPLAN_CACHE") or "~/.cache/vramplan").expanduser() / "inventories"
+    return cache_root() / "inventories"
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -302,13 +301,7 @@ def _folder_inventories(path: Path, components, configs) -> dict[str, Inventory]
 
 
 def _write_cache(file: Path, text: str) -> None:
-    try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=file.parent, delete=False, suffix=".tmp") as tmp:
-            tmp.write(text)
-        os.replace(tmp.name, file)
-    except OSError:
-        pass  # an unwritable cache only costs a rebuild next time
+    write_atomic(file, text.encode())   # an unwritable cache only costs a rebuild next time
 
 
 def _diffusers_model_info(path: Path) -> ModelInfo:
