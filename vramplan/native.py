@@ -45,8 +45,8 @@ def library_path() -> Path:
     return cache_dir() / f"native-{digest}-{sys.implementation.cache_tag}-{platform.machine()}.so"
 
 
-def _build(target: Path) -> bool:
-    """Compile the source into `target` (atomically); False when that cannot be done here."""
+def _build(target: Path, sources=SOURCES, flags: tuple = ()) -> bool:
+    """Compile `sources` into `target` (atomically); False when that cannot be done here."""
     import subprocess
     import tempfile
 
@@ -58,7 +58,7 @@ def _build(target: Path) -> bool:
     os.close(fd)
     try:
         try:
-            done = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", tmp, *map(str, SOURCES)],
+            done = subprocess.run([compiler, "-O2", "-shared", "-fPIC", *flags, "-o", tmp, *map(str, sources)],
                                   capture_output=True, timeout=120)
         except (OSError, subprocess.SubprocessError):
             return False
@@ -96,6 +96,40 @@ def library():
         except (OSError, AttributeError):
             lib = None
     _STATE["lib"] = lib
+    return lib
+
+
+FLAT_SOURCE = Path(__file__).with_name("native_flat.c")
+
+
+def flat_library():
+    """native_flat.c, loaded with ctypes.PyDLL (its functions read Python lists, holding the GIL),
+    or None where it cannot be built (no compiler, no Python headers: `_Structure` flattens in
+    Python) or `VRAMPLAN_NATIVE=0`."""
+    if "flat" in _STATE:
+        return _STATE["flat"]
+    lib = None
+    if os.environ.get("VRAMPLAN_NATIVE", "1") != "0":
+        try:
+            import ctypes
+            import sysconfig
+
+            include = sysconfig.get_paths().get("include")
+            digest = hashlib.sha256(FLAT_SOURCE.read_bytes()).hexdigest()[:16]
+            path = cache_dir() / f"native-flat-{digest}-{sys.implementation.cache_tag}-{platform.machine()}.so"
+            if include and (Path(include) / "Python.h").exists() and (
+                    path.exists() or _build(path, (FLAT_SOURCE,), ("-I" + include,))):
+                lib = ctypes.PyDLL(str(path))
+                p, o = ctypes.c_void_p, ctypes.py_object
+                lib.vp_count_ops.argtypes = [o, p]
+                lib.vp_flatten_ops.argtypes = [o, o, p, p, p, p, p, p, p]
+                lib.vp_lookup.argtypes = [o, o, ctypes.c_int64, p]
+                lib.vp_ints.argtypes = [o, ctypes.c_int64, p]
+                for function in (lib.vp_count_ops, lib.vp_flatten_ops, lib.vp_lookup, lib.vp_ints):
+                    function.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            lib = None
+    _STATE["flat"] = lib
     return lib
 
 

@@ -268,3 +268,37 @@ def test_made_up_graphs_replay_the_same_in_c(built, seed):
     sizes = sizes_of(rep, records)
     assert (made.sizes.sources, made.sizes.workspaces, made.sizes.aliases, made.sizes.saved_from) == (
         sizes.sources, sizes.workspaces, sizes.aliases, sizes.saved_from)
+
+
+def _columns(structure) -> dict:
+    return {name: (value.tolist() if hasattr(value, "tolist") else value) for name, value in vars(structure).items()
+            if name != "pins"}
+
+
+def test_the_graph_columns_are_read_the_same_in_c_and_in_python(built, monkeypatch):
+    """native_flat.c reads the graph's lists (`_flat_in_c`) into the columns Python makes."""
+    if native.flat_library() is None:
+        pytest.skip("native_flat.c cannot be built here (no Python headers): Python flattens")
+    graphs = [made_up_graph(seed)[0] for seed in range(10)]
+    for options in (SPECS[2], SPECS[10], SPECS[13]):
+        spec = _spec(options)
+        step.build_timeline(spec, load_model_inventories(spec.model))
+        graphs += [graph for _, graph in step._GRAPHS.items.values()]
+    for graph in graphs:
+        in_c = _columns(native_replay._Structure(graph))
+        monkeypatch.setattr(native_replay, "FLAT_IN_C", False)
+        in_python = _columns(native_replay._Structure(graph))
+        monkeypatch.setattr(native_replay, "FLAT_IN_C", True)
+        assert in_c == in_python
+        assert len(in_c["in_tid"]) > len(in_c["op_name"]) > 20
+
+
+def test_a_graph_not_shaped_as_recorded_is_refused_by_the_c_reader(built):
+    lib = native.flat_library()
+    if lib is None:
+        pytest.skip("native_flat.c cannot be built here")
+    out = native.array("q", [0] * 8)
+    with pytest.raises(TypeError):
+        lib.vp_count_ops([(0, 0, [("self", 1)])], out.buffer_info()[0])      # a 3-tuple
+    with pytest.raises(TypeError):
+        lib.vp_ints([1, "two"], -1, out.buffer_info()[0])

@@ -130,40 +130,26 @@ class _Structure:
         self.temp_ptr = _q(accumulate(map(len, temps), initial=0))
         self.temp_arg = _q([t[0] for ts in temps for t in ts])
         self.temp_count = _q([t[1] for ts in temps for t in ts])
-        # column by column, each one pass at C speed (transposed with zip, mapped through dicts)
-        names, modules, ins, outs = zip(*ops) if ops else ((), (), (), ())
-        self.op_name, self.op_module = _q(names), _q(modules)
-        self.in_ptr, self.out_ptr = _q(_offsets(ins)), _q(_offsets(outs))
-        flat = list(chain.from_iterable(ins))
-        arg_names, in_tid = zip(*flat) if flat else ((), ())
-        for name in set(arg_names):
-            code(name)
-        self.in_tid, self.in_arg = _q(in_tid), _q(list(map(args.__getitem__, arg_names)))
-        self.out_tid = _q(list(chain.from_iterable(outs)))
         self.arg_input, self.arg_weight, self.arg_bias = code("input"), code("weight"), code("bias")
-
-        self.t_sid = _q(g.t_sid)
-        self.t_float = _q(list(map(FLOATING.__contains__, g.t_dtype)))
-        dtypes = {d: k for k, d in enumerate(set(g.t_dtype))}
-        self.t_dtype = _q(list(map(dtypes.__getitem__, g.t_dtype)))
         self.param_names = sorted(set(g.t_param) - {None})
         param_index = {p: i for i, p in enumerate(self.param_names)}
         param_index[None] = -1
-        self.t_param = _q(list(map(param_index.__getitem__, g.t_param)))
         # a parameter named "" is None to `any(t_param[t] ...)` but not to `is not None`: the C
         # replay has one test for both, so such a graph is left to Python
         self.usable = "" not in param_index
+        dtypes = {d: k for k, d in enumerate(dict.fromkeys(g.t_dtype))}
+        floating = dict.fromkeys(FLOATING, 1)
+        flat = native.flat_library() if FLAT_IN_C else None
+        if flat is None or not _flat_in_c(self, g, flat, args, dtypes, floating, param_index):
+            _flat_in_python(self, g, args, dtypes, floating, param_index)
+        self.t_sid = _q(g.t_sid)
         self.roles = list(g.inputs)
         role_of = [-1] * len(g.t_sid)
         for k, role in enumerate(self.roles):
             role_of[g.inputs[role]] = k
         self.t_role = _q(role_of)
         param_sids = set(compress(g.t_sid, map((-1).__lt__, self.t_param)))
-        self.s_alloc = _q([-2 if a is None else a for a in g.s_alloc])
         self.s_param = _q(list(map(param_sids.__contains__, range(len(g.s_alloc)))))
-        # the op after which Python lets go of each storage, -1: never (native_replay.c lists
-        # them per op, as Replayer.free_after)
-        self.s_free = _q([-1 if f is None else f for f in g.s_free])
 
         n = len(ops)
         regions = g.regions
@@ -198,6 +184,60 @@ class _Structure:
         self.unknown_ops = frozenset(g.opnames[k] for k in set(self.op_name) if _op_info(g.opnames[k])[3])
         self.op_labels = list(g.opnames) + ["function_backward", "ones_like", ""]   # -3, -2, -1
         self.module_labels = list(g.modules) + [""]                                 # -1
+
+
+FLAT_IN_C = True     # read the graph's lists with native_flat.c where it is built (tests compare)
+
+
+def _flat_in_python(s: _Structure, g: Concrete, args: dict, dtypes: dict, floating: dict, param_index: dict) -> None:
+    """The op, tensor and storage columns: each one pass at C speed (transposed with zip, mapped
+    through dicts). Argument names take the next code in the order they first appear."""
+    ops = g.ops
+    names, modules, ins, outs = zip(*ops) if ops else ((), (), (), ())
+    s.op_name, s.op_module = _q(names), _q(modules)
+    s.in_ptr, s.out_ptr = _q(_offsets(ins)), _q(_offsets(outs))
+    flat = list(chain.from_iterable(ins))
+    arg_names, in_tid = zip(*flat) if flat else ((), ())
+    for name in dict.fromkeys(arg_names):
+        args.setdefault(name, len(args))
+    s.in_tid, s.in_arg = _q(in_tid), _q(list(map(args.__getitem__, arg_names)))
+    s.out_tid = _q(list(chain.from_iterable(outs)))
+    s.t_float = _q([floating.get(d, 0) for d in g.t_dtype])
+    s.t_dtype = _q(list(map(dtypes.__getitem__, g.t_dtype)))
+    s.t_param = _q(list(map(param_index.__getitem__, g.t_param)))
+    s.s_alloc = _q([-2 if a is None else a for a in g.s_alloc])
+    # the op after which Python lets go of each storage, -1: never (native_replay.c lists them per
+    # op, as Replayer.free_after)
+    s.s_free = _q([-1 if f is None else f for f in g.s_free])
+
+
+def _flat_in_c(s: _Structure, g: Concrete, lib, args: dict, dtypes: dict, floating: dict, param_index: dict) -> bool:
+    """`_flat_in_python`'s columns, read by native_flat.c; False where the graph's fields are not
+    the lists it reads."""
+    if not all(isinstance(x, list) for x in (g.ops, g.t_dtype, g.t_param, g.s_alloc, g.s_free)):
+        return False
+    counts = array("q", [0, 0])
+    lib.vp_count_ops(g.ops, counts.buffer_info()[0])
+    n = len(g.ops)
+    s.op_name, s.op_module = array("q", bytes(8 * n)), array("q", bytes(8 * n))
+    s.in_ptr, s.out_ptr = array("q", bytes(8 * (n + 1))), array("q", bytes(8 * (n + 1)))
+    s.in_tid, s.in_arg = array("q", bytes(8 * counts[0])), array("q", bytes(8 * counts[0]))
+    s.out_tid = array("q", bytes(8 * counts[1]))
+    lib.vp_flatten_ops(g.ops, args, *(_at(c) for c in (s.op_name, s.op_module, s.in_ptr, s.in_tid, s.in_arg,
+                                                          s.out_ptr, s.out_tid)))
+    n_t, n_s = len(g.t_dtype), len(g.s_alloc)
+    s.t_float, s.t_dtype, s.t_param = (array("q", bytes(8 * n_t)) for _ in range(3))
+    lib.vp_lookup(g.t_dtype, floating, 0, _at(s.t_float))
+    lib.vp_lookup(g.t_dtype, dtypes, -1, _at(s.t_dtype))
+    lib.vp_lookup(g.t_param, param_index, -1, _at(s.t_param))
+    s.s_alloc, s.s_free = array("q", bytes(8 * n_s)), array("q", bytes(8 * n_s))
+    lib.vp_ints(g.s_alloc, -2, _at(s.s_alloc))
+    lib.vp_ints(g.s_free, -1, _at(s.s_free))
+    return True
+
+
+def _at(column: array) -> int:
+    return column.buffer_info()[0]
 
 
 _STRUCTURES: list = []     # [(_Structure)]: the last few, by the identity of their pins

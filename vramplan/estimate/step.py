@@ -271,7 +271,7 @@ def _one_step(spec, inventories, trained, resident, clock: Clock, prefix: str, o
             variant += "-keep-te"
         graph = _adapted_graph(spec, inventories, method, name, variant, env)
         rep = Replayer(graph,
-                       ReplayOptions(trainable=method.parameter_filter(spec, name, inventories),
+                       ReplayOptions(trainable=parameter_filter(spec, inventories, name),
                                      gradient_checkpointing=False, phase_prefix=prefix,
                                      low_dtype=spec.precision.low_dtype), clock)
         rep.forward({"input_ids": ids[name]})
@@ -283,7 +283,7 @@ def _one_step(spec, inventories, trained, resident, clock: Clock, prefix: str, o
         variant += f"-{spec.base_quant.value}"
 
     def options() -> ReplayOptions:
-        return ReplayOptions(trainable=method.parameter_filter(spec, denoiser, inventories),
+        return ReplayOptions(trainable=parameter_filter(spec, inventories, denoiser),
                              inputs_require_grad=frozenset(_denoiser_rg_inputs(spec, trained_tes)),
                              gradient_checkpointing=spec.gradient_checkpointing,
                              phase_prefix=prefix, low_dtype=spec.precision.low_dtype)
@@ -511,6 +511,14 @@ def trained_tensors(spec: TrainingSpec, inventories: dict) -> dict:
     differ in precision, quantization, caching or EMA (some 20 distinct weights per SDXL search
     come down to its 3 ranks)."""
     return kept_for_trained(spec, inventories, lambda: get_method(spec.method).trainable_tensors(spec, inventories))
+
+
+def parameter_filter(spec: TrainingSpec, inventories: dict, component: str):
+    """The method's `parameter_filter` for `component`, kept per trained tensors: every method's
+    reads only what `trainable_tensors` gives (a dict of names built afresh each time)."""
+    method = get_method(spec.method)
+    return kept_for_trained(spec, inventories, lambda: method.parameter_filter(spec, component, inventories),
+                            "parameter filter", component)
 
 
 def device_states(spec: TrainingSpec, inventories: dict, trained: dict, state_size: int) -> list:
