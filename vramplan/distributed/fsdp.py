@@ -127,7 +127,7 @@ def fsdp_rewrite(rw: Rewriter, spec: TrainingSpec, units: dict[str, list[Unit]],
             spec.method.trains_denoiser else Category.FROZEN_WEIGHTS
 
     # -- load: the wrapped components' tensors become one shard per unit ------------------------
-    load_weights = rw.drop(lambda r: r.category in WEIGHTS and r.phase == "load" and in_wrapped(r.module))
+    load_weights = rw.drop(lambda r: r.phase == "load" and in_wrapped(r.module), WEIGHTS)
     load_at = min((r.alloc_at for r in load_weights), default=rw.after(0))
     shard_bytes = 0
     for comp, us in units.items():
@@ -138,7 +138,7 @@ def fsdp_rewrite(rw: Rewriter, spec: TrainingSpec, units: dict[str, list[Unit]],
             shard_bytes += rounded(nbytes)
     if mixed:
         # parameters are already 16-bit views of the unsharded flat parameter: autocast keeps none
-        rw.drop(lambda r: r.category is Category.AUTOCAST_CACHE and in_wrapped(r.module))
+        rw.drop(lambda r: in_wrapped(r.module), (Category.AUTOCAST_CACHE,))
 
     result = FsdpResult(layouts=list(layouts.values()), shard_bytes=shard_bytes, sharded_grad_bytes=0,
                         state_bytes=0, largest_unit_bytes=max(rounded(l.padded_numel * compute_itemsize)
@@ -329,12 +329,11 @@ def _optimizer(rw: Rewriter, spec, layouts, trained_units, param_itemsize, rank,
                 slices.append((local,))
     states = optimizer_state_tensors(spec.optimizer, slices, param_itemsize, spec.momentum)
     state_bytes = sum(rounded(s.nbytes) for s in states if not s.on_host)
-    rw.drop(lambda r: r.category is Category.OPTIMIZER_STATES)
+    rw.drop(lambda r: True, (Category.OPTIMIZER_STATES,))
     for step in rw.steps():
         start, end = step.optimizer
         phase = step.prefix + "optimizer"
-        rw.drop(lambda r: start <= r.alloc_at < end and r.category is Category.TEMPORARIES
-                      and r.op == "" and r.module == "")
+        rw.drop(lambda r: r.op == "" and r.module == "", (Category.TEMPORARIES,), (start, end))
         if offload:
             continue                                   # the step runs on the CPU
         add_step(rw, spec, start, phase, states if not step.prefix else [], slices, param_itemsize)

@@ -91,11 +91,19 @@ class Rewriter:
             self.records.append(rec)
         return rec
 
-    def drop(self, predicate) -> list[Record]:
+    def drop(self, predicate, categories: tuple, window: tuple[int, int] | None = None) -> list[Record]:
+        """Take out the records of `categories` (allocated within `window`, [first, end) scaled
+        events, when given) that `predicate` holds for, in one pass (the rest keep their order);
+        the dropped ones, in order. The category and the window are tested first, inline: a
+        several-GPU fit drops from some 10^5 records a few times per candidate."""
         kept, dropped = [], []
         keep, drop = kept.append, dropped.append
+        lo, hi = window if window is not None else (-(1 << 62), 1 << 62)
         for r in self.records:
-            (drop if predicate(r) else keep)(r)
+            if r.category in categories and lo <= r.alloc_at < hi and predicate(r):
+                drop(r)
+            else:
+                keep(r)
         self.records = kept
         return dropped
 

@@ -46,6 +46,7 @@ JSON writes out explicitly (`configs.py`): accelerate's "auto" for the bucket si
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 from vramplan.distributed.fsdp import add_step
@@ -114,14 +115,14 @@ def zero_rewrite(rw: Rewriter, spec: TrainingSpec, component: str, inventory: In
 
     # -- load ------------------------------------------------------------------------------------
     if stage < 3:
-        dropped = rw.drop(lambda r: r.phase == "load" and r.module in trained_names and r.category in WEIGHTS)
+        dropped = rw.drop(lambda r: r.phase == "load" and r.module in trained_names, WEIGHTS)
         at = min((r.alloc_at for r in dropped), default=rw.after(0))
         rw.add(padded * model_itemsize, rw.after(at), None, Category.TRAINABLE_WEIGHTS, "load",
                "zero_flat_params", component)
         result.param_bytes = rounded(padded * model_itemsize) + sum(
             r.nbytes for r in rw.records if r.phase == "load" and r.category in WEIGHTS and r.module.startswith(prefix))
     else:
-        dropped = rw.drop(lambda r: r.phase == "load" and r.category in WEIGHTS and r.module.startswith(prefix))
+        dropped = rw.drop(lambda r: r.phase == "load" and r.module.startswith(prefix), WEIGHTS)
         at = min((r.alloc_at for r in dropped), default=rw.after(0))
         frozen = [(n, numel(s)) for n, s in inventory.params if prefix + n not in trained_names]
         part_bytes = rounded(partition * model_itemsize) + sum(rounded(-(-k // world) * model_itemsize)
@@ -162,7 +163,7 @@ def zero_rewrite(rw: Rewriter, spec: TrainingSpec, component: str, inventory: In
         result.host_state_bytes = result.state_bytes
         result.host_pinned_bytes += rounded(partition * 4)        # the fp32 gradient, pinned
         result.state_bytes = 0
-    rw.drop(lambda r: r.category is Category.OPTIMIZER_STATES)
+    rw.drop(lambda r: True, (Category.OPTIMIZER_STATES,))
     persisted: set = set()
     for k, step in enumerate(rw.steps()):
         bwd = rw.within(step.backward)
@@ -185,8 +186,7 @@ def zero_rewrite(rw: Rewriter, spec: TrainingSpec, component: str, inventory: In
                 result.grad_bytes = rounded(partition * model_itemsize)
             elif stage == 1:
                 result.grad_bytes = sum(r.nbytes for r in grads)
-        rw.drop(lambda r: opt_start <= r.alloc_at < opt_end and r.category is Category.TEMPORARIES
-                and r.op == "" and r.module == "")
+        rw.drop(lambda r: r.op == "" and r.module == "", (Category.TEMPORARIES,), (opt_start, opt_end))
         if stage == 3:
             _stage3_working_set(rw, step, k, component, inventory, trained, model_itemsize, world, config,
                                 result, persisted)
@@ -268,6 +268,14 @@ def _stage3_working_set(rw: Rewriter, step, k: int, component: str, inventory: I
             live[path] = rw.add(large[path] * itemsize, at, None, category(path), ph, "zero3_gathered", path)
             live_large[0] += large[path]
 
+    # reach[j]: the elements fetched by trace[:j]; nearest[i]: the next index fetching trace[i]'s
+    # submodule (None: none)
+    reach = list(itertools.accumulate((sum(units[p]) for p, _, _ in trace), initial=0))
+    nearest: list = [None] * len(trace)
+    seen: dict[str, int] = {}
+    for i in range(len(trace) - 1, -1, -1):
+        nearest[i] = seen.get(trace[i][0])
+        seen[trace[i][0]] = i
     for i, (path, kind, (first, last)) in enumerate(trace):
         at = rw.before(first)
         gather(path, at, phase[kind])
@@ -283,17 +291,9 @@ def _stage3_working_set(rw: Rewriter, step, k: int, component: str, inventory: I
                     ahead += large[nxt]
         if path not in live:
             continue
-        keep = False
-        if complete:
-            traversed = 0
-            for j in range(i + 1, len(trace)):
-                nxt = trace[j][0]
-                if traversed >= config.max_reuse_distance:
-                    break
-                if nxt == path:
-                    keep = True
-                    break
-                traversed += sum(units[nxt])
+        # kept when the next fetch of the same submodule comes before `max_reuse_distance`
+        # elements of other fetches: walked one by one, what lies between i and that fetch
+        keep = complete and nearest[i] is not None and reach[nearest[i]] - reach[i + 1] < config.max_reuse_distance
         if not keep:
             live.pop(path).free_at = rw.after(last)
             live_large[0] -= large[path]
