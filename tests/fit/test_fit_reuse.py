@@ -165,3 +165,18 @@ def test_strategies_share_records_they_never_change(fresh):
     shared = step.build_timeline(ddp, inventories)
     assert _rows(shared) == before
     assert shared.clock.records[0] is step.build_timeline(ddp, inventories).clock.records[0]
+
+
+def test_listed_plans_make_their_whole_estimate_when_read(fresh):
+    """The winner's whole estimate is made by the search (its grid is drawn); the other plans'
+    when first read, the same as `estimate` gives, with the device used the search decided by."""
+    result = search(fit_request(build_spec({"model": "sd15", "method": "lora", "gpu": "4GB"})))
+    assert len(result.plans) >= 2
+    assert result.plans[0].made is not None
+    later = result.plans[1]
+    assert later.made is None
+    whole = later.estimate
+    assert later.made is whole and whole.footprint.device_used_bytes == later.device_used_bytes
+    walk.clear_cache()
+    step.clear_reuse()
+    assert estimate(later.spec).to_json() == whole.to_json()

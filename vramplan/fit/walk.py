@@ -55,11 +55,12 @@ keep on the CPU for every GPU of the node): it is always shown, and checked agai
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from vramplan.errors import UsageError
@@ -81,14 +82,26 @@ Estimator = Callable[[TrainingSpec], Estimate]
 
 @dataclass(frozen=True)
 class Plan:
+    """A plan the search looked at. Its whole estimate (composition, phases: what the winner's
+    grid draws) is made when first read (`estimate`) where the search decided it by its device
+    used alone (`estimated_device_used`: the same figure): the table of plans reads no more, and
+    the four alternatives' compositions were some 50 ms of an SDXL search."""
     spec: TrainingSpec
-    estimate: Estimate
+    made: Estimate | None            # the whole estimate, None until `estimate` makes it
+    device_used_bytes: int           # the estimate's device used
     labels: tuple[str, ...]          # each axis's value, as the table shows it
     accumulation_bytes: int          # gradients kept between micro-steps (not in the estimate)
     required_bytes: int              # (device used + accumulation) * (1 + margin)
     choice: tuple[int, ...] = ()     # each axis's value index (0 = the axis's best)
     host_bytes: int | None = None    # several GPUs: host RAM per node for offloaded tensors
     host_limit: int | None = None    # --host-ram, None: not checked
+    make: Callable[[], Estimate] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def estimate(self) -> Estimate:
+        if self.made is None:
+            object.__setattr__(self, "made", self.make())
+        return self.made
 
     @property
     def capacity_bytes(self) -> int:
@@ -96,7 +109,7 @@ class Plan:
 
     @property
     def used_bytes(self) -> int:
-        return self.estimate.footprint.device_used_bytes + self.accumulation_bytes
+        return self.device_used_bytes + self.accumulation_bytes
 
     @property
     def headroom_bytes(self) -> int:
@@ -116,7 +129,7 @@ class Plan:
         return self.device_fits and self.host_fits
 
     def to_json(self) -> dict:
-        out = {"spec": self.spec.to_json(), "device_used_bytes": self.estimate.footprint.device_used_bytes,
+        out = {"spec": self.spec.to_json(), "device_used_bytes": self.device_used_bytes,
                "accumulation_bytes": self.accumulation_bytes, "required_bytes": self.required_bytes,
                "headroom_bytes": self.headroom_bytes, "fits": self.fits}
         if self.spec.is_distributed:
@@ -562,18 +575,29 @@ class _Search:
         return True
 
     def plan(self, choice: tuple) -> Plan | None:
+        """The candidate as a plan. Its whole estimate is made now for the first plan listed (the
+        winner: its grid is drawn) and where nothing fits; for the others when first read."""
         if not self.valid(choice):
             return None
         spec = self.spec(choice)
-        estimate = self.estimate(spec)
-        if estimate is None:
-            return None
+        estimate, make = None, None
+        if self.plans and self.device_floor is not None and not spec.is_distributed:
+            used = self.device_used(spec)
+            if used is None:
+                return None
+            make = functools.partial(self.estimate, spec)
+        else:
+            estimate = self.estimate(spec)
+            if estimate is None:
+                return None
+            used = estimate.footprint.device_used_bytes
         extra = accumulation_bytes(spec, self.inventories)
-        required = self.margin.required(estimate.footprint.device_used_bytes + extra)
+        required = self.margin.required(used + extra)
         labels = tuple(axis.labels[i] for axis, i in zip(self.axes, choice))
-        return Plan(spec=spec, estimate=estimate, labels=labels, accumulation_bytes=extra,
-                    required_bytes=required, choice=tuple(choice), host_bytes=host_bytes(estimate),
-                    host_limit=self.request.host_ram)
+        return Plan(spec=spec, made=estimate, device_used_bytes=used, labels=labels, accumulation_bytes=extra,
+                    required_bytes=required, choice=tuple(choice),
+                    host_bytes=None if estimate is None else host_bytes(estimate),
+                    host_limit=self.request.host_ram, make=make)
 
     def fits(self, choice: tuple, prefix: tuple = ()) -> Plan | None:
         """The plan if it fits, accumulation included (`prefix`: the walk's node, for probes)."""
@@ -780,7 +804,7 @@ def with_whole_estimate(plan: Plan) -> Plan:
 
     import vramplan.estimate
 
-    return dataclasses.replace(plan, estimate=vramplan.estimate.estimate(plan.spec))
+    return dataclasses.replace(plan, made=vramplan.estimate.estimate(plan.spec))
 
 
 def distributed_notes(request: FitRequest, plans) -> list[str]:
