@@ -1,13 +1,20 @@
-"""The allocator's replay, the live-bytes curve and the compositions at chosen events in C
-(native.c), when a C compiler is at hand: built once into
+"""The loops an estimate spends its time in, in C, when a C compiler is at hand: built once into
 `${VRAMPLAN_CACHE:-~/.cache/vramplan}/native/`, loaded with ctypes.
 
-Why: `fit` replays the caching allocator over each candidate it estimates (some 110 000 events
-for an SDXL step) and takes the peak of live bytes of many more; in Python those were about half
-of an SDXL search. The Python versions (allocator.py, `vramplan.fit.walk.peak_live_bytes`) stay
-the reference and run wherever the library cannot be built or loaded (no compiler, a read-only
-cache, `VRAMPLAN_NATIVE=0`): the same numbers, slower. tests/test_native.py
-checks that the two agree.
+* native.c: the allocator's replay, the live-bytes curve and the compositions at chosen events.
+  `fit` replays the caching allocator over each candidate it estimates (some 110 000 events for
+  an SDXL step) and takes the peak of live bytes of many more; in Python those were about half
+  of an SDXL search.
+* native_replay.c (same library): a recorded graph's replay with autograd's rules
+  (`vramplan.estimate.native_replay`).
+* native_flat.c (a library of its own, `flat_library`): a graph's Python lists read as the
+  columns the replay takes, through the Python C API, so it needs Python's headers too.
+
+The Python versions (allocator.py, `vramplan.fit.walk.peak_live_bytes`, replay.py's Replayer,
+native_replay's `_flat_in_python`) stay the reference and run wherever a library cannot be
+built or loaded (no compiler or headers, a read-only cache, `VRAMPLAN_NATIVE=0`): the same
+numbers, slower. tests/test_native.py and tests/estimate/test_native_replay.py check that they
+agree.
 """
 
 from __future__ import annotations
@@ -93,6 +100,16 @@ def library():
                 lib.vp_compositions.restype = None
                 lib.vp_shift.argtypes = [ctypes.c_int64, p, p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, p, p]
                 lib.vp_shift.restype = None
+                # native_replay.c (vramplan/estimate/native_replay.py)
+                lib.vp_graph_forward.argtypes = [p]
+                lib.vp_graph_forward.restype = p
+                lib.vp_graph_backward.argtypes = [p]
+                lib.vp_graph_backward.restype = ctypes.c_int
+                lib.vp_graph_counts.argtypes = [p, p]
+                lib.vp_graph_copy.argtypes = [p, ctypes.c_int64, p]
+                lib.vp_graph_free.argtypes = [p]
+                for function in (lib.vp_graph_counts, lib.vp_graph_copy, lib.vp_graph_free):
+                    function.restype = None
         except (OSError, AttributeError):
             lib = None
     _STATE["lib"] = lib

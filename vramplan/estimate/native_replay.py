@@ -50,8 +50,7 @@ class _Graph(ctypes.Structure):
                                      "flags", "save_ptr", "save_kind", "save_value", "save_any", "trig_ptr",
                                      "trig_arg", "temp_ptr", "temp_arg", "temp_count", "t_sid", "t_float",
                                      "t_param", "t_bytes", "t_dtype", "t_role", "trainable", "role_rg", "s_alloc",
-                                     "s_bytes",
-                                     "s_param", "s_free")]
+                                     "s_bytes", "s_param", "s_free")]
                 + [("n_regions", _I)]
                 + [(n, _P) for n in ("r_first", "r_last", "r_in_ptr", "r_in", "r_out_ptr", "r_out", "region_of",
                                      "region_end", "region_start")]
@@ -60,25 +59,6 @@ class _Graph(ctypes.Structure):
                                      "f_keep", "f_module", "function_of", "function_end", "ws")]
                 + [(n, _I) for n in ("loss", "arg_input", "arg_weight", "arg_bias")]
                 + [("cat_code", _P)])
-
-
-def _library():
-    lib = native.library()
-    if lib is None:
-        return None
-    if not getattr(lib, "_vp_graph_ready", False):
-        lib.vp_graph_forward.argtypes = [_P]
-        lib.vp_graph_forward.restype = _P
-        lib.vp_graph_backward.argtypes = [_P]
-        lib.vp_graph_backward.restype = ctypes.c_int
-        lib.vp_graph_counts.argtypes = [_P, _P]
-        lib.vp_graph_counts.restype = None
-        lib.vp_graph_copy.argtypes = [_P, _I, _P]
-        lib.vp_graph_copy.restype = None
-        lib.vp_graph_free.argtypes = [_P]
-        lib.vp_graph_free.restype = None
-        lib._vp_graph_ready = True
-    return lib
 
 
 def _q(values) -> array:
@@ -244,7 +224,9 @@ _STRUCTURES: list = []     # [(_Structure)]: the last few, by the identity of th
 
 
 def clear() -> None:
+    """Forget the graphs' columns kept here (with `step.clear_reuse`)."""
     _STRUCTURES.clear()
+    _WORKSPACES.clear()
 
 
 def _structure_of(g: Concrete) -> _Structure:
@@ -273,7 +255,7 @@ class NativeReplay:
 
 
 def available() -> bool:
-    return _library() is not None
+    return native.library() is not None
 
 
 def replay(g: Concrete, options: ReplayOptions, check=None) -> NativeReplay | None:
@@ -281,7 +263,7 @@ def replay(g: Concrete, options: ReplayOptions, check=None) -> NativeReplay | No
     graph's inputs allocated by the replay; None where the C library is not available or this
     graph is left to Python. `check(rows)`: called with the forward's rows (a `Rows` whose
     columns alone are made), before the backward; it may raise to stop the replay there."""
-    lib = _library()
+    lib = native.library()
     if lib is None:
         return None
     s = _structure_of(g)
@@ -376,7 +358,6 @@ def _result(lib, handle, s: _Structure, options: ReplayOptions, backward_at: int
     module_labels, op_labels = s.module_labels, s.op_labels
     prefix = options.phase_prefix
     phase_labels = (prefix + "forward", prefix + "backward")
-
     kinds = _KINDS
 
     def make_rows() -> tuple:
@@ -397,8 +378,8 @@ def _result(lib, handle, s: _Structure, options: ReplayOptions, backward_at: int
                       op_names=frozenset(op_labels[o] for o in set(ops)), allocs=allocs)
     saved_rows = tuple(zip(map(module_labels.__getitem__, saved_from[0::2]), saved_from[1::2]))
     by_module: dict = {}
-    for module, row in saved_rows:
-        by_module[module] = by_module.get(module, 0) + nbytes[row]
+    for module, saved_row in saved_rows:
+        by_module[module] = by_module.get(module, 0) + nbytes[saved_row]
     sizes = Sizes(s.pins, options.low_dtype, tuple(source.tolist()),
                   tuple(zip(ws[0::3], map(KINDS.__getitem__, ws[1::3]), map(bool, ws[2::3]))),
                   tuple(zip(aliases[0::3], aliases[1::3], map(bool, aliases[2::3]))), saved_rows)

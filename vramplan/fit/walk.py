@@ -23,8 +23,8 @@ estimated, the values it hopes for are probed with every other free axis at its 
 `_Search._probes_fit`), and one failed probe rules out the whole family of such trade-offs.
 
 A candidate is decided by its estimate's device used alone (`estimated_device_used`: the records
-and the allocator's replay, not the composition and phase peaks); the plans listed get their
-whole estimate. A floor's records, with their workspaces and C arrays, are handed on to that
+and the allocator's replay, not the composition and phase peaks); the winner gets its whole
+estimate, the other plans listed when it is first read (`Plan.estimate`). A floor's records, with their workspaces and C arrays, are handed on to that
 decision, and its allocator replay to the whole estimate (`footprint_build.Prepared`). Where a
 floor needs a denoiser replayed afresh, the forward is checked before the backward is replayed
 (`device_floor`'s `over`): without checkpointing, or with a larger quantized base, the forward
@@ -32,9 +32,10 @@ alone often rules the candidate out.
 
 Measured (scripts/benchmark_fit.py, 2 cores): one estimate when the best plan fits outright; SD 1.5
 DreamBooth on 12 GB in 5; SDXL LoRA on 8 GB, where little fits, in 18 estimates and 27 device
-floors, about 1.3-1.5 s searching: 2 denoiser replays, 5 forwards that stop there, 5 resized to
-another rank (`estimate/resize.py`), the adapters spliced into 3 graphs, and some 15 ms per
-candidate over the rest.
+floors, about 0.7-0.8 s searching: 2 denoiser replays and 5 forwards that stop there (in C,
+`estimate/native_replay.py`: some 10 ms each with their rows), 5 resized to another rank
+(`estimate/resize.py`), the adapters spliced into 3 graphs (the largest part left, 0.15 s), the
+allocator's 20 replays (0.1 s) and a few ms per candidate over the rest.
 
 A plan fits when its device use plus the safety margin is within the card. With gradient
 accumulation the gradients stay alive between micro-steps, through the next forward; `estimate`
