@@ -33,6 +33,8 @@ SPECS = [
     {"model": "sdxl", "method": "lora", "rank": 16, "precision": "bf16", "gradient_checkpointing": True},
     {"model": "sdxl", "method": "lora", "rank": 4, "precision": "bf16", "base_quant": "int8"},
     {"model": "flux-dev", "method": "lora", "rank": 16, "precision": "bf16", "gradient_checkpointing": True},
+    {"model": "sd21", "method": "dreambooth", "gradient_checkpointing": True},
+    {"model": "sd35-medium", "method": "lora", "rank": 8, "precision": "bf16", "train_text_encoder": True},
 ]
 
 
