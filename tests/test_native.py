@@ -172,3 +172,18 @@ def test_categories_from_outside_the_enum_keep_their_order(built):
     records = [Record(10, 1, None, "custom"), Record(20, 2, None, None), Record(30, 3, None, Category.EMA)]
     assert list(compositions_at(records, [5])[5].items()) == [
         ("custom", 10), (Category.TEMPORARIES, 20), (Category.EMA, 30)]
+
+
+def test_every_c_source_is_installed_with_the_package():
+    """native.py compiles the sources it finds beside it: a wheel without one would quietly run
+    everything in Python."""
+    import re
+    from pathlib import Path
+
+    root = Path(native.__file__).resolve().parent
+    pyproject = (root.parent / "pyproject.toml").read_text()
+    patterns = re.search(r'^"vramplan" = \[(.*?)\]', pyproject, re.M).group(1)
+    globs = [g.strip().strip('"') for g in patterns.split(",")]
+    sources = {p.name for p in root.glob("*.c")}
+    assert {native.SOURCE.name, native.FLAT_SOURCE.name} | {s.name for s in native.SOURCES} <= sources
+    assert all(any(Path(name).match(g) for g in globs) for name in sources), (sources, globs)

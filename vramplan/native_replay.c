@@ -113,6 +113,9 @@ static int grow_records(Replay *s) {
     return 0;
 }
 
+/* A new record's index. When memory runs out the replay is marked failed (its result is thrown
+   away) and record 0, which exists from the start, stands in, so that callers never write outside
+   the columns. */
 static int64_t alloc_record(Replay *s, int64_t nbytes, int64_t cat, int64_t op, int64_t module, int64_t source) {
     if (s->n == s->cap && grow_records(s) < 0) return 0;
     int64_t i = s->n++;
@@ -525,7 +528,8 @@ Replay *vp_graph_forward(const Graph *g) {
     s->param_grad = filled(g->n_params, -1);
     s->role_grad = filled(g->n_roles, -1);
     if (!s->rg || !s->grad || !s->grad_stamp || !s->live || !s->live_stamp || !s->holds || !s->alive ||
-        !s->is_input || !s->fresh || !s->sbo_at || !s->sbo_len || !s->param_grad || !s->role_grad) {
+        !s->is_input || !s->fresh || !s->sbo_at || !s->sbo_len || !s->param_grad || !s->role_grad ||
+        grow_records(s) < 0) {
         vp_graph_free(s);
         return NULL;
     }

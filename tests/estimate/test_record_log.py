@@ -6,7 +6,7 @@ import pytest
 
 import vramplan.estimate.step as step
 from vramplan import native
-from vramplan.estimate.record_log import RecordLog, Rows, Shifted
+from vramplan.estimate.record_log import ColumnRows, RecordLog, Rows, Shifted
 from vramplan.footprint import Category
 from vramplan.footprint_build import ADDMMS, MATMULS, first_alloc
 from vramplan.models.inventory import load_model_inventories
@@ -123,3 +123,32 @@ def test_a_fork_shares_the_records_not_the_tail():
     fork.extend([Record(512, 1, None, Category.WORKSPACES)])
     assert len(fork) == n + 1 and len(log) == n
     assert fork[0] is log[0]
+
+
+def test_column_rows_make_their_tuples_only_when_all_are_read():
+    """`ColumnRows`: a row through `row(i)` and the allocations of some ops without making the
+    tuples, and the same answers from the tuples once they are made."""
+    rows = ((512, 1, 3, Category.TEMPORARIES, "forward", "m", "mm.default", False),
+            (1024, 2, None, Category.ACTIVATIONS, "forward", "m", "add.Tensor", True),
+            (512, 4, 5, Category.WORKSPACES, "backward", "", "mm.default", False))
+    made = []
+
+    def make():
+        made.append(1)
+        return rows
+
+    def lazy(row=True, allocs=True):
+        return ColumnRows(3, None, make, row=(lambda i: rows[i]) if row else None, op_names=frozenset(
+            r[6] for r in rows), allocs=(lambda ops: [(i, r[1]) for i, r in enumerate(rows) if r[6] in ops])
+            if allocs else None)
+
+    column_rows = lazy()
+    assert [column_rows.row(i) for i in range(3)] == list(rows)
+    assert column_rows.allocs_of(frozenset({"mm.default"})) == [(0, 1), (2, 4)]
+    assert column_rows.allocs_of(frozenset({"conv"})) == []                 # no such op: no scan
+    assert not made
+    assert column_rows.rows == rows and made == [1]
+    plain = lazy(row=False, allocs=False)
+    assert plain.row(1) == rows[1] and plain.allocs_of(frozenset({"add.Tensor"})) == [(1, 2)]
+    assert Shifted(lazy(), 10).record(1) == Record(1024, 12, None, Category.ACTIVATIONS, "forward", "m",
+                                                   "add.Tensor", True)

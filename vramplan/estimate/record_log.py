@@ -97,7 +97,7 @@ class ColumnRows(Rows):
         return self._rows
 
     def row(self, i: int) -> tuple:
-        return self._rows[i] if self._rows is not None or self._row is None else self._row(i)
+        return self._row(i) if self._rows is None and self._row is not None else self.rows[i]
 
     def _allocs_of(self, ops: frozenset) -> list:
         return self._allocs(ops) if self._allocs is not None and self._rows is None else super()._allocs_of(ops)
