@@ -4,10 +4,11 @@ four more cards and models.
     python scripts/benchmark_fit.py [--repeat 3] [--json] [--case NAME] [--breakdown]
 
 Each case is searched in a fresh process (what a user's `vramplan fit` pays: imports, the
-catalog's traces read from disk, then the search) and again in the same process with the
+catalog's traces read from disk -- compiled, from `${VRAMPLAN_CACHE}/compiled-traces/` after the
+first run -- then the search) and again in the same process with the
 estimate cache and the step's kept replays cleared (the search alone, traces already loaded).
 Reported per case: wall time, estimates (candidates whose device used was counted: most by
-`vramplan.fit.walk.estimated_device_used`, without the composition; the plans listed in whole),
+`vramplan.fit.walk.estimated_device_used`, without the composition; the winner in whole),
 candidates decided without one, the plans found, and the shares of the time spent inside those
 estimates and inside the device floor (the step's records without the allocator's replay,
 `vramplan.fit.walk.device_floor`). `--breakdown` adds, per

@@ -24,11 +24,11 @@ estimated, the values it hopes for are probed with every other free axis at its 
 
 A candidate is decided by its estimate's device used alone (`estimated_device_used`: the records
 and the allocator's replay, not the composition and phase peaks); the winner gets its whole
-estimate, the other plans listed when it is first read (`Plan.estimate`). A floor's records, with their workspaces and C arrays, are handed on to that
-decision, and its allocator replay to the whole estimate (`footprint_build.Prepared`). Where a
-floor needs a denoiser replayed afresh, the forward is checked before the backward is replayed
-(`device_floor`'s `over`): without checkpointing, or with a larger quantized base, the forward
-alone often rules the candidate out.
+estimate, the other plans listed when it is first read (`Plan.estimate`). A floor's records,
+with their workspaces and C arrays, are handed on to that decision, and its allocator replay to
+the whole estimate (`footprint_build.Prepared`). Where a floor needs a denoiser replayed afresh,
+the forward is checked before the backward is replayed (`device_floor`'s `over`): without
+checkpointing, or with a larger quantized base, the forward alone often rules the candidate out.
 
 Measured (scripts/benchmark_fit.py, 2 cores): one estimate when the best plan fits outright; SD 1.5
 DreamBooth on 12 GB in 5; SDXL LoRA on 8 GB, where little fits, in 18 estimates and 27 device
