@@ -107,7 +107,11 @@ def estimate_json(options: str) -> str:
 
 
 @pytest.mark.parametrize("options", ['{"model": "sdxl", "method": "lora", "gradient_checkpointing": true}',
-                                     '{"method": "full", "precision": "fp16", "gpu": "16GB"}'])
+                                     '{"method": "full", "precision": "fp16", "gpu": "16GB"}',
+                                     '{"method": "loha", "batch_size": 2}',
+                                     '{"model": "sd35-medium", "method": "lora", "train_text_encoder": true}',
+                                     '{"model": "flux-dev", "method": "lora", "base_quant": "nf4", '
+                                     '"gradient_checkpointing": true}'])
 def test_an_estimate_is_the_same_without_the_library(built, options, monkeypatch):
     fast = estimate_json(options)
     monkeypatch.setenv("VRAMPLAN_NATIVE", "0")
