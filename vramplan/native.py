@@ -30,6 +30,7 @@ from vramplan.cache import cache_root
 
 SOURCE = Path(__file__).with_name("native.c")
 SOURCES = (SOURCE, Path(__file__).with_name("native_replay.c"))   # native_replay.c: a graph's replay
+FLAT_SOURCE = Path(__file__).with_name("native_flat.c")
 _STATE: dict = {}          # "lib": the loaded library or None (tried, not available)
 
 
@@ -46,10 +47,10 @@ def _compiler() -> str | None:
     return None
 
 
-def library_path() -> Path:
-    """Where this source's build lives: a new source (or Python, or machine) gets a new name."""
-    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES)).hexdigest()[:16]
-    return cache_dir() / f"native-{digest}-{sys.implementation.cache_tag}-{platform.machine()}.so"
+def library_path(sources: tuple = SOURCES, name: str = "native") -> Path:
+    """Where the build of `sources` lives: a new source (or Python, or machine) gets a new name."""
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in sources)).hexdigest()[:16]
+    return cache_dir() / f"{name}-{digest}-{sys.implementation.cache_tag}-{platform.machine()}.so"
 
 
 def _build(target: Path, sources=SOURCES, flags: tuple = ()) -> bool:
@@ -116,9 +117,6 @@ def library():
     return lib
 
 
-FLAT_SOURCE = Path(__file__).with_name("native_flat.c")
-
-
 def flat_library():
     """native_flat.c, loaded with ctypes.PyDLL (its functions read Python lists, holding the GIL),
     or None where it cannot be built (no compiler, no Python headers: `_Structure` flattens in
@@ -132,8 +130,7 @@ def flat_library():
             import sysconfig
 
             include = sysconfig.get_paths().get("include")
-            digest = hashlib.sha256(FLAT_SOURCE.read_bytes()).hexdigest()[:16]
-            path = cache_dir() / f"native-flat-{digest}-{sys.implementation.cache_tag}-{platform.machine()}.so"
+            path = library_path((FLAT_SOURCE,), "native-flat")
             if include and (Path(include) / "Python.h").exists() and (
                     path.exists() or _build(path, (FLAT_SOURCE,), ("-I" + include,))):
                 lib = ctypes.PyDLL(str(path))

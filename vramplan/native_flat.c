@@ -64,15 +64,15 @@ int vp_flatten_ops(PyObject *ops, PyObject *codes, int64_t *op_name, int64_t *op
             PyObject *arg = PyTuple_GET_ITEM(pair, 0);
             if (as_int(PyTuple_GET_ITEM(pair, 1), &in_tid[k_in])) return -1;
             PyObject *code = PyDict_GetItemWithError(codes, arg);
-            if (code == NULL) {
+            if (code != NULL) {
+                if (as_int(code, &in_arg[k_in])) return -1;
+            } else {                              /* a new name: the next code */
                 if (PyErr_Occurred()) return -1;
-                PyObject *next = PyLong_FromSsize_t(PyDict_GET_SIZE(codes));
+                in_arg[k_in] = (int64_t)PyDict_GET_SIZE(codes);
+                PyObject *next = PyLong_FromLongLong((long long)in_arg[k_in]);
                 if (next == NULL || PyDict_SetItem(codes, arg, next) < 0) { Py_XDECREF(next); return -1; }
                 Py_DECREF(next);
-                code = PyDict_GetItemWithError(codes, arg);
-                if (code == NULL) return fail("codes");
             }
-            if (as_int(code, &in_arg[k_in])) return -1;
         }
         for (Py_ssize_t j = 0; j < PyList_GET_SIZE(outs); j++, k_out++)
             if (as_int(PyList_GET_ITEM(outs, j), &out_tid[k_out])) return -1;

@@ -26,7 +26,7 @@ from vramplan.estimate.autograd_rules import function_saves
 from vramplan.estimate.concrete import Concrete
 from vramplan.estimate.conv_workspaces import workspace_bytes
 from vramplan.estimate.record_log import ColumnRows
-from vramplan.estimate.replay import FLOATING, ReplayOptions, _op_info, convolutions
+from vramplan.estimate.replay import CAST, CONCATS, FLOATING, ReplayOptions, _op_info, convolutions
 from vramplan.estimate.resize import Sizes, structure
 from vramplan.footprint import Category
 from vramplan.native import NEVER
@@ -71,7 +71,7 @@ def _offsets(lists) -> list[int]:
 
 def _csr(lists) -> tuple[array, array]:
     """(offsets, values) of a list of lists: list k is values[offsets[k]:offsets[k + 1]]."""
-    return _q(list(accumulate(map(len, lists), initial=0))), _q(list(chain.from_iterable(lists)))
+    return _q(_offsets(lists)), _q(list(chain.from_iterable(lists)))
 
 
 class _Structure:
@@ -93,8 +93,7 @@ class _Structure:
             _, rule, plan, _ = _op_info(name)
             grad = {"alias": _GRAD_ALIAS, "none": _GRAD_NONE}.get(rule.grad, 0)
             flags.append((_DIFFERENTIABLE if rule.differentiable else 0) | grad
-                         | (_CAT if name in ("cat.default", "stack.default") else 0)
-                         | (_TO_COPY if name == "_to_copy.default" else 0))
+                         | (_CAT if name in CONCATS else 0) | (_TO_COPY if name == CAST else 0))
             slots = []
             for out, slot, trig in plan:
                 kind, value = (_STAR, 0) if slot == "*" else (_OUT, out) if out >= 0 else (_ARG, code(slot))
@@ -103,11 +102,11 @@ class _Structure:
             saves.append(slots)
             temps.append([(code(slot), count) for slot, count in rule.temps])
         self.flags = _q(flags)
-        self.save_ptr = _q(accumulate(map(len, saves), initial=0))
+        self.save_ptr = _q(_offsets(saves))
         flat = [s for slots in saves for s in slots]
         self.save_kind, self.save_value, self.save_any = (_q([s[k] for s in flat]) for k in range(3))
         self.trig_ptr, self.trig_arg = _csr(triggers)
-        self.temp_ptr = _q(accumulate(map(len, temps), initial=0))
+        self.temp_ptr = _q(_offsets(temps))
         self.temp_arg = _q([t[0] for ts in temps for t in ts])
         self.temp_count = _q([t[1] for ts in temps for t in ts])
         self.arg_input, self.arg_weight, self.arg_bias = code("input"), code("weight"), code("bias")
@@ -301,11 +300,10 @@ def replay(g: Concrete, options: ReplayOptions, check=None) -> NativeReplay | No
     if not handle:
         return None
     try:
+        n, now = _counts(lib, handle)[:2]
         if check is not None:
-            counts = _counts(lib, handle)
-            nbytes, alloc_at, free_at, codes = (_column(lib, handle, k, counts[0]) for k in range(4))
-            check(ColumnRows(counts[0], (nbytes, alloc_at, free_at, codes), make=None))
-        backward_at = _counts(lib, handle)[1] + 1
+            check(ColumnRows(n, tuple(_column(lib, handle, k, n) for k in range(4)), make=None))
+        backward_at = now + 1
         if lib.vp_graph_backward(handle) != 0:
             return None
         return _result(lib, handle, s, options, backward_at)

@@ -27,6 +27,8 @@ ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64": 8,
             "int16": 2, "int8": 1, "uint8": 1, "bool": 1, "complex64": 8, "complex128": 16}
 FLOATING = {"float32", "float16", "bfloat16", "float64", "complex64", "complex128"}
 CONSERVATIVE = Rule(save={"*": ANY})
+CONCATS = ("cat.default", "stack.default")   # an alias gradient (a narrow view) whatever the sizes
+CAST = "_to_copy.default"                    # of a parameter: an autocast cache entry
 
 
 def cuda_rounded(nbytes: int) -> int:
@@ -297,7 +299,7 @@ class Replayer:
                 function_outs = set(function[4])
                 inputs_rg = any(rg[t] for t in function[3] if t_float[t])
                 any_rg = False
-            cast_of_param = name == "_to_copy.default" and any(t_param[t] for _, t in ins)
+            cast_of_param = name == CAST and any(t_param[t] for _, t in ins)
             module = None
             for tid in op[3]:
                 if function is not None and tid in function_outs:
@@ -474,7 +476,7 @@ class Replayer:
                         made.add(arg)
                         alias = False
                         if grad_kind == "alias" and t_dtype[tid] == t_dtype[out_tid]:
-                            if name in ("cat.default", "stack.default"):
+                            if name in CONCATS:
                                 alias = True
                             else:
                                 alias = t_bytes[tid] == t_bytes[out_tid]

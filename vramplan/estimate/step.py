@@ -616,17 +616,12 @@ def _replayed(clock: Clock, key: tuple | None, inventories: dict | None, replay,
     window = _WINDOWS.get(key)
     if window is not None and _same(window.pins, pins):
         return window.apply(clock)
-    if resize is not None and resize[0] is not None:
-        window = _resized_window(resize, pins)
-        if window is not None:
-            _WINDOWS.put(key, window)
-            _RESIZABLE.put(resize[0], window)
-            return window.apply(clock)
-    window = in_c(pins) if in_c is not None else None
+    sizes_key = resize[0] if resize is not None else None
+    window = _resized_window(resize, pins) if sizes_key is not None else None
+    if window is None and in_c is not None:
+        window = in_c(pins)
     if window is not None:
-        _WINDOWS.put(key, window)
-        if resize is not None and resize[0] is not None:
-            _RESIZABLE.put(resize[0], window)
+        _keep_window(key, sizes_key, window)
         return window.apply(clock)
     base, first, first_phase, open_run = clock.now, len(clock.open), len(clock.phases), clock.open
     earlier = list(clock.records.visible())       # what a replay could reach: the rest are rows
@@ -648,13 +643,19 @@ def _replayed(clock: Clock, key: tuple | None, inventories: dict | None, replay,
         param_grads=tuple((name, row_of[id(r)]) for name, r in result.param_grads.items()),
         input_grads=tuple((role, row_of[id(r)]) for role, r in result.input_grads.items()),
         sizes=None if resize is None or replayer is None else sizes_of(replayer, records))
-    _WINDOWS.put(key, window)
-    if window.sizes is not None and resize[0] is not None:
-        _RESIZABLE.put(resize[0], window)
+    _keep_window(key, sizes_key, window)
     # the replay's records become the window's run, as a re-applied one is: one shape for both
     del clock.open[first:]
     clock.place(Shifted(rows, base, handles={i: records[i] for i in window.handle_rows}))
     return result
+
+
+def _keep_window(key: tuple, sizes_key: tuple | None, window: _Window) -> None:
+    """Keep `window` for re-applying under `key`, and, with its size log, for resizing to other
+    sizes under `sizes_key`."""
+    _WINDOWS.put(key, window)
+    if window.sizes is not None and sizes_key is not None:
+        _RESIZABLE.put(sizes_key, window)
 
 
 def _unlinked(result: Replayed) -> Replayed:

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from vramplan.cache import cache_root
+from vramplan.cache import cache_root, write_atomic
 
 DEFAULT_MARGIN = 0.03
 DEFAULT_SOURCE = ("default 3%: the estimate-vs-simulate tolerance; no CUDA profiles of this card "
@@ -80,11 +80,7 @@ def measured_band(root: Path, card: str) -> float | None:
     rows = [r for r in result.summary if r.device == "cuda" and r.source == "estimate"
             and r.metric is Metric.DEVICE_USED]
     band = rows[0].max_abs_error if rows else None
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({"band": band, "profiles": len(files)}))
-    except OSError:
-        pass
+    write_atomic(cache, json.dumps({"band": band, "profiles": len(files)}).encode())   # unwritable: made again
     return band
 
 

@@ -443,8 +443,8 @@ class _Search:
         """The estimate's device used, None where it cannot be counted. For the real estimate on
         one GPU, without the composition and phase peaks the estimate adds for display
         (`footprint_build.device_used_bytes`, on the records the device floor handed on): most
-        candidates are only decided, and the composition was a tenth of an SDXL search. The
-        plans listed get their whole estimate (`plan`), whose device used is this figure."""
+        candidates are only decided, and the composition was a tenth of an SDXL search. A plan's
+        whole estimate (`Plan.estimate`) has this figure as its device used."""
         key = _key(spec)
         if key in _ESTIMATES:
             known = _ESTIMATES[key]
