@@ -16,7 +16,8 @@ from vramplan.spec import build_spec
 # Specs that share some replays and not others, in an order where later ones re-apply earlier
 # ones' windows: rank, optimizer, caching, checkpointing, quantization, a trained text encoder,
 # accumulation, EMA, textual inversion, and several GPUs (FSDP with adapters sees the method
-# through a wrapper, which is never reused).
+# through a wrapper whose widened parameters key its replays: shared between FSDP candidates, at
+# another rank resized, and never handed to a spec without the wrapper -- the specs after them).
 SPECS = [
     {"method": "lora", "rank": 16},
     {"method": "lora", "rank": 16, "optimizer": "adafactor"},
@@ -33,6 +34,11 @@ SPECS = [
     {"method": "textual-inversion"},
     {"method": "lora", "rank": 16, "gpus": "2x24GB"},
     {"method": "lora", "rank": 16, "gpus": "2x24GB", "strategy": "fsdp"},
+    {"method": "lora", "rank": 8, "gpus": "2x24GB", "strategy": "fsdp", "optimizer": "adafactor"},
+    {"method": "lora", "rank": 8, "gpus": "2x24GB", "strategy": "fsdp", "gradient_checkpointing": True},
+    {"method": "lokr", "gpus": "2x24GB", "strategy": "fsdp", "fsdp_sharding": "shard-grad-op"},
+    {"method": "lora", "rank": 8, "gpus": "2x24GB", "strategy": "zero2"},
+    {"method": "lora", "rank": 8},
     {"method": "full", "gpus": "2x24GB", "strategy": "zero2"},
     {"method": "full", "gpus": "2x24GB", "strategy": "ddp"},
     {"method": "full", "gpus": "2x24GB", "strategy": "fsdp"},

@@ -101,6 +101,10 @@ class _UnitsTrainAsOne:
 
     def __init__(self, method, widened: dict):
         self._method, self._widened = method, widened
+        # what the step's caches key a replay by beside the spec (`step._replay_key`): the
+        # parameters widened (today decided by the spec and the inventories the key holds too)
+        self.reuse_key = ("units train as one",) + tuple(
+            (comp, tuple(sorted(names))) for comp, names in sorted(widened.items()))
 
     def __getattr__(self, name):
         return getattr(self._method, name)

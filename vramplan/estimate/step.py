@@ -435,14 +435,21 @@ def _model_key(spec: TrainingSpec) -> tuple:
 def _replay_key(spec: TrainingSpec, inventories: dict, method, *parts, ignore: frozenset = frozenset(),
                 every_field: bool = False) -> tuple | None:
     """The spec's replayed fields (less `ignore`; or `every_field`), the model and its inventories
-    (by identity: users check they are the same objects), and `parts`. None when nothing may be
-    reused: the method is seen through a wrapper (the FSDP rewrite widens what trains)."""
-    if not REUSE or method is not registered_method(spec.method):
+    (by identity: users check they are the same objects), and `parts`. A method seen through a
+    wrapper (the FSDP rewrite widens what trains) adds its `reuse_key`, what it changes; None
+    when nothing may be reused (a wrapper without one)."""
+    if not REUSE:
         return None
+    model = _model_key(spec)
+    if method is not registered_method(spec.method):
+        seen = getattr(method, "reuse_key", None)
+        if seen is None:
+            return None
+        model = (model, seen)     # in the first part, which every key derived from this one keeps
     skip = frozenset() if every_field else NOT_REPLAYED | ignore
     fields = tuple((name, tuple(value) if isinstance(value, list) else value)
                    for name, value in spec.to_json().items() if name not in skip)
-    return (_model_key(spec), fields, tuple((name, id(inv)) for name, inv in inventories.items())) + parts
+    return (model, fields, tuple((name, id(inv)) for name, inv in inventories.items())) + parts
 
 
 # Spec fields the trained tensors and the weights never depend on (sizes of the step, how it runs).
