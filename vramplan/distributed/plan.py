@@ -25,7 +25,7 @@ from vramplan.errors import UsageError
 from vramplan.estimate.allocator import replay_allocator
 from vramplan.estimate.core import component_parameters
 from vramplan.estimate.result import Estimate
-from vramplan.estimate.step import build_timeline
+from vramplan.estimate.step import build_timeline, kept_for_trained, trained_tensors
 from vramplan.footprint_build import add_workspaces, build_footprint
 from vramplan.methods import get_method
 from vramplan.models.inventory import load_model_inventories
@@ -133,6 +133,12 @@ def _method_seen_as(method):
 
 
 def _fsdp_units(spec: TrainingSpec, inventories: dict, trained: dict):
+    """(component -> its wrap units, component -> trained names): kept for the candidates with
+    the same trained tensors (read-only: a search asks for them once per FSDP candidate)."""
+    return kept_for_trained(spec, inventories, lambda: _wrapped_units(inventories, trained), "fsdp units")
+
+
+def _wrapped_units(inventories: dict, trained: dict):
     units, trainable = {}, {}
     for comp, tensors in trained.items():
         known = {n for n, _ in inventories[comp].params}
@@ -148,9 +154,11 @@ def _fsdp_units(spec: TrainingSpec, inventories: dict, trained: dict):
 def per_gpu_records(spec: TrainingSpec, inventories: dict, rank: int = 0):
     """(records, phases, model_states, host, rules) of one rank under `spec.strategy`."""
     method = get_method(spec.method)
-    trained = method.trainable_tensors(spec, inventories)
+    trained = trained_tensors(spec, inventories)       # kept for fit's candidates (read-only)
+    units = trainable = None
+    if spec.strategy is Strategy.FSDP:
+        units, trainable = _fsdp_units(spec, inventories, trained)
     if spec.strategy is Strategy.FSDP and spec.method.is_adapter:
-        units, _ = _fsdp_units(spec, inventories, trained)
         widened = {comp: frozenset(name for u in us if u.trainable_numel for name, _ in u.params)
                    for comp, us in units.items()}
         with _method_seen_as(_UnitsTrainAsOne(method, widened)):
@@ -176,7 +184,6 @@ def per_gpu_records(spec: TrainingSpec, inventories: dict, rank: int = 0):
     elif strategy is Strategy.FSDP:
         sharding = spec.fsdp_sharding or FsdpSharding.FULL_SHARD
         compute_itemsize = 2 if spec.precision.autocast else param_itemsize
-        units, trainable = _fsdp_units(spec, inventories, trained)
         fsdp = fsdp_rewrite(rw, spec, units, trainable, param_itemsize, compute_itemsize, world, rank)
         states = {"sharded_parameters": fsdp.shard_bytes, "sharded_gradients": fsdp.sharded_grad_bytes,
                   "optimizer_states": fsdp.state_bytes, "largest_unsharded_unit": fsdp.largest_unit_bytes,
