@@ -1,5 +1,5 @@
-"""How long `vramplan fit` takes to search: the three cases issue 5 names, a several-GPU one, and
-four more cards and models.
+"""How long `vramplan fit` takes to search: the three cases issue 5 names, three on several GPUs,
+and four more cards and models.
 
     python scripts/benchmark_fit.py [--repeat 3] [--json] [--case NAME] [--breakdown]
 
@@ -31,6 +31,9 @@ CASES = {
     "sdxl lora 8GB": {"model": "sdxl", "method": "lora", "gpu": "8GB"},
     "sd15 dreambooth 12GB": {"model": "sd15", "method": "dreambooth", "gpu": "12GB"},
     "sdxl full 4xrtx4090": {"model": "sdxl", "method": "full", "gpus": "4xrtx4090"},
+    # several GPUs with adapters: every strategy, quantization and rank (FSDP widens what trains)
+    "sdxl lora 2x8GB": {"model": "sdxl", "method": "lora", "gpus": "2x8GB"},
+    "flux-dev lora 4xrtx4090": {"model": "flux-dev", "method": "lora", "gpus": "4xrtx4090"},
     # more cards and models, to show where the search's time goes up: how little fits
     "sdxl lora 12GB": {"model": "sdxl", "method": "lora", "gpu": "12GB"},
     "sdxl full 24GB": {"model": "sdxl", "method": "full", "gpu": "24GB"},
