@@ -83,25 +83,37 @@ def make_pipeline(out: Path, seed: int = 0) -> Path:
     return model_dir
 
 
-def make_images(out: Path, size: int = 64) -> Path:
+def make_images(out: Path, size: int = 64, count: int = 4) -> Path:
+    """`count` PNGs of `size` pixels with same-name .txt captions: the four shapes, drawn in
+    proportion, then again with their colours turned (scripts/make_random_pipeline.py asks for
+    more, at the model's resolution)."""
     from PIL import Image, ImageDraw
 
     folder = out / "images"
     folder.mkdir(parents=True, exist_ok=True)
     colours = [((200, 30, 30), (30, 30, 200)), ((30, 180, 30), (240, 240, 240)),
                ((230, 210, 40), (128, 128, 128)), ((255, 255, 255), (0, 0, 0))]
-    for i, (caption, (fg, bg)) in enumerate(zip(CAPTIONS, colours)):
+
+    def box(*corners):          # coordinates drawn for 64 pixels, scaled to `size`
+        return [round(c * size / 64) for c in corners]
+
+    for i in range(count):
+        shape = i % len(CAPTIONS)
+        caption, (fg, bg) = CAPTIONS[shape], colours[shape]
+        if i >= len(CAPTIONS):
+            turn = i // len(CAPTIONS)
+            fg, bg = tuple((c + 60 * turn) % 256 for c in fg), tuple((c + 90 * turn) % 256 for c in bg)
         image = Image.new("RGB", (size, size), bg)
         draw = ImageDraw.Draw(image)
-        if i == 0:
-            draw.rectangle([16, 16, 48, 48], fill=fg)
-        elif i == 1:
-            draw.ellipse([12, 12, 52, 52], fill=fg)
-        elif i == 2:
-            draw.rectangle([0, 26, size, 38], fill=fg)
+        if shape == 0:
+            draw.rectangle(box(16, 16, 48, 48), fill=fg)
+        elif shape == 1:
+            draw.ellipse(box(12, 12, 52, 52), fill=fg)
+        elif shape == 2:
+            draw.rectangle(box(0, 26, 64, 38), fill=fg)
         else:
-            draw.ellipse([14, 28, 22, 36], fill=fg)
-            draw.ellipse([42, 28, 50, 36], fill=fg)
+            draw.ellipse(box(14, 28, 22, 36), fill=fg)
+            draw.ellipse(box(42, 28, 50, 36), fill=fg)
         image.save(folder / f"image_{i}.png")
         (folder / f"image_{i}.txt").write_text(caption + "\n")
     return folder

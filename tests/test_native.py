@@ -111,7 +111,13 @@ def estimate_json(options: str) -> str:
                                      '{"method": "loha", "batch_size": 2}',
                                      '{"model": "sd35-medium", "method": "lora", "train_text_encoder": true}',
                                      '{"model": "flux-dev", "method": "lora", "base_quant": "nf4", '
-                                     '"gradient_checkpointing": true}'])
+                                     '"gradient_checkpointing": true}',
+                                     # several GPUs: the rewrite's records as C arrays, or as Records
+                                     '{"method": "lora", "gpus": "2xrtx4090", "strategy": "fsdp"}',
+                                     '{"method": "full", "gpus": "4xrtx4090", "strategy": "zero3", '
+                                     '"offload": "optimizer"}',
+                                     '{"method": "full", "gpus": "2xrtx4090", "strategy": "ddp", '
+                                     '"gradient_accumulation_steps": 2}'])
 def test_an_estimate_is_the_same_without_the_library(built, options, monkeypatch):
     fast = estimate_json(options)
     monkeypatch.setenv("VRAMPLAN_NATIVE", "0")

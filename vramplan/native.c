@@ -405,6 +405,24 @@ void vp_compositions(int64_t n, const int64_t *nbytes, const int64_t *alloc_at, 
     }
 }
 
+/* distributed/rewrite.py: events times `scale` (free events NEVER stay NEVER), in place. */
+void vp_scale(int64_t n, int64_t *alloc_at, int64_t *free_at, int64_t scale) {
+    for (int64_t i = 0; i < n; i++) {
+        alloc_at[i] *= scale;
+        if (free_at[i] != NEVER) free_at[i] *= scale;
+    }
+}
+
+/* distributed/rewrite.py: the entries of `column` whose `dropped` byte is 0, moved to its front
+   in order; returns how many. */
+int64_t vp_keep(int64_t n, const unsigned char *dropped, int64_t *column) {
+    int64_t k = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (!dropped[i]) column[k++] = column[i];
+    }
+    return k;
+}
+
 /* record_log.Shifted: rows placed on a clock. out_alloc = alloc_at + offset; out_free = free_at +
    offset, or NEVER where the row is never freed or (has_limit) freed after `limit`. */
 void vp_shift(int64_t n, const int64_t *alloc_at, const int64_t *free_at, int64_t offset, int64_t has_limit,

@@ -101,6 +101,10 @@ def library():
                 lib.vp_compositions.restype = None
                 lib.vp_shift.argtypes = [ctypes.c_int64, p, p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, p, p]
                 lib.vp_shift.restype = None
+                lib.vp_scale.argtypes = [ctypes.c_int64, p, p, ctypes.c_int64]
+                lib.vp_scale.restype = None
+                lib.vp_keep.argtypes = [ctypes.c_int64, p, p]
+                lib.vp_keep.restype = ctypes.c_int64
                 # native_replay.c (vramplan/estimate/native_replay.py)
                 lib.vp_graph_forward.argtypes = [p]
                 lib.vp_graph_forward.restype = p
@@ -238,6 +242,28 @@ def shift(alloc_at: array, free_at: array, offset: int, limit: int | None, out_a
     library().vp_shift(n, _address(alloc_at), _address(free_at), offset, int(limit is not None),
                        0 if limit is None else limit, _address(out_alloc) + 8 * position,
                        _address(out_free) + 8 * position)
+
+
+def scale(alloc_at: array, free_at: array, factor: int) -> None:
+    """Every event times `factor`, in place; NEVER stays NEVER (the distributed rewrite's scaled
+    clock). Needs the library (callers have columns only where it is built)."""
+    n = len(alloc_at)
+    if len(free_at) != n:
+        raise IndexError("scale: the columns differ in length")
+    library().vp_scale(n, _address(alloc_at), _address(free_at), factor)
+
+
+def keep(dropped: bytes, columns: list) -> None:
+    """Each column (an array of n int64) less its entries whose `dropped` byte is not 0, in
+    order, in place."""
+    import ctypes
+
+    mask = ctypes.create_string_buffer(bytes(dropped), len(dropped))
+    for column in columns:
+        if len(column) != len(dropped):
+            raise IndexError("keep: a column and the mask differ in length")
+        k = library().vp_keep(len(dropped), ctypes.addressof(mask), _address(column))
+        del column[k:]
 
 
 def _address(column: array) -> int:

@@ -5,7 +5,7 @@ prefetch bucket is full."""
 
 import random
 
-from vramplan.distributed.zero import prefetched
+from vramplan.distributed.zero import Waiting, prefetched
 from vramplan.estimate import estimate
 from vramplan.spec import build_spec
 
@@ -23,17 +23,28 @@ def walked(paths, i, live, large, budget):
 
 
 def test_prefetch_takes_what_the_entry_by_entry_walk_takes():
+    """Submodules gathered and released in a random order: `Waiting` keeps the entries of those
+    not gathered, and the prefetch read from it is the walk's over every entry."""
     rng = random.Random(5)
     for _ in range(300):
         names = [f"m{k}" for k in range(rng.randint(1, 12))]
         # most submodules of an adapter's trace hold only small parameters (large 0)
         large = {n: rng.choice([0, 0, 0, rng.randint(1, 40)]) for n in names}
         paths = [rng.choice(names) for _ in range(rng.randint(1, 40))]
-        fetching = [j for j, p in enumerate(paths) if large[p]]
-        live = {n for n in names if large[n] and rng.random() < 0.3}
-        budget = rng.randint(1, 80)
+        waiting = Waiting(paths, [j for j, p in enumerate(paths) if large[p]])
+        live = set()
         for i in range(len(paths)):
-            assert prefetched(paths, fetching, i, live, large, budget) == walked(paths, i, live, large, budget)
+            for name in rng.sample(names, rng.randint(0, len(names))):
+                if not large[name]:
+                    continue
+                if name in live:
+                    live.discard(name)
+                    waiting.released(name)
+                else:
+                    live.add(name)
+                    waiting.gathered(name)
+            budget = rng.randint(1, 80)
+            assert prefetched(paths, waiting.positions, i, large, budget) == walked(paths, i, live, large, budget)
 
 
 def test_a_lora_zero3_step_prefetches_past_its_adapters():

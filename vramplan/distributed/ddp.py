@@ -66,12 +66,11 @@ def ddp_rewrite(rw: Rewriter, components: tuple[str, ...], grad_itemsize: int) -
 
     steps = rw.steps()
     first = steps[0]
-    grads = sorted((r for r in rw.within(first.backward)
-                    if r.category is Category.GRADIENTS and wrapped(r.module)), key=lambda r: r.alloc_at)
+    grads = sorted((r for r in rw.of_categories((Category.GRADIENTS,), first.backward) if wrapped(r.module)),
+                   key=lambda r: r.alloc_at)
     grad_bytes = [r.nbytes for r in grads]   # gradient-ready order = the rebuilt buckets' order
     total = sum(grad_bytes)
-    weights = [r for r in rw.records if r.phase == "load" and wrapped(r.module)
-               and (r.category in WEIGHTS or r.category is Category.BUFFERS)]
+    weights = [r for r in rw.of_categories(WEIGHTS + (Category.BUFFERS,)) if r.phase == "load" and wrapped(r.module)]
     end_load = max((r.alloc_at for r in weights), default=0)
     broadcast = max(assign_buckets([r.nbytes for r in weights], [BROADCAST_BUCKET_BYTES]), default=0)
     if broadcast:

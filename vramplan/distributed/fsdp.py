@@ -128,7 +128,7 @@ def fsdp_rewrite(rw: Rewriter, spec: TrainingSpec, units: dict[str, list[Unit]],
 
     # -- load: the wrapped components' tensors become one shard per unit ------------------------
     load_weights = rw.drop(lambda r: r.phase == "load" and in_wrapped(r.module), WEIGHTS)
-    load_at = min((r.alloc_at for r in load_weights), default=rw.after(0))
+    load_at = min(load_weights, default=rw.after(0))
     shard_bytes = 0
     for comp, us in units.items():
         for u in us:
@@ -170,28 +170,13 @@ def fsdp_rewrite(rw: Rewriter, spec: TrainingSpec, units: dict[str, list[Unit]],
     return result
 
 
-def _unit_spans(records, index: UnitIndex, in_wrapped) -> dict[int, list[int]]:
-    """id(unit) -> [first, last] scaled event of records inside the unit (nested units included).
-    First and last per module, then per unit: a module has many records, a unit many modules."""
-    first: dict[str, int] = {}
-    last: dict[str, int] = {}
-    for r in records:
-        module = r.module
-        if not module:
-            continue
-        at = r.alloc_at
-        if module in first:
-            if at < first[module]:
-                first[module] = at
-            if at > last[module]:
-                last[module] = at
-        else:
-            first[module] = last[module] = at
+def _unit_spans(modules: dict, index: UnitIndex, in_wrapped) -> dict[int, list[int]]:
+    """id(unit) -> [first, last] scaled event of records inside the unit (nested units included),
+    from each module's first and last (`Rewriter.module_spans`): a unit has many modules."""
     spans: dict[int, list[int]] = {}
-    for module, start in first.items():
+    for module, (start, end) in modules.items():
         if not in_wrapped(module):
             continue
-        end = last[module]
         for unit in index.enclosing(module):
             span = spans.get(id(unit))
             if span is None:
@@ -234,7 +219,7 @@ def _one_step(rw: Rewriter, step: StepWindows, spec, units, index: UnitIndex, la
             rec.free_at = at
 
     # -- forward ---------------------------------------------------------------------------------
-    spans_f = _unit_spans(rw.within(step.forward), index, in_wrapped)
+    spans_f = _unit_spans(rw.module_spans(step.forward), index, in_wrapped)
     order_f = sorted(spans_f, key=lambda uid: (spans_f[uid][0], by_id[uid].full_path.count(".")))
     frees = []
     root_unshard = {}
@@ -250,11 +235,10 @@ def _one_step(rw: Rewriter, step: StepWindows, spec, units, index: UnitIndex, la
         reshard(uid, rw.after(last))
 
     # -- backward --------------------------------------------------------------------------------
-    bwd = rw.within(step.backward)
-    spans_b = _unit_spans(bwd, index, in_wrapped)
+    spans_b = _unit_spans(rw.module_spans(step.backward), index, in_wrapped)
     grads: dict[int, list] = {}
-    for r in bwd:
-        if r.category is Category.GRADIENTS and in_wrapped(r.module):
+    for r in rw.of_categories((Category.GRADIENTS,), step.backward):
+        if in_wrapped(r.module):
             owner = index.innermost(r.module)
             if owner is not None:
                 grads.setdefault(id(owner), []).append(r)

@@ -6,18 +6,33 @@ phases' first events. A strategy needs to insert allocations between two existin
 FSDP all-gather just before a unit's first op, a reduce-scatter output right after its last
 gradient): every event `e` becomes `e * SCALE`, and insertions take the free slots around it in
 the order they are made.
+
+The step's records are read where they are (`_Base`: the timeline's runs and their columns),
+not copied: a several-GPU fit rewrites some 10^5 records per candidate, and a strategy touches a
+few categories of them (weights at load, gradients, optimizer states, the optimizer's
+temporaries). A record the rewrite reads becomes its own `Record`, made once (`_own`): the
+rewrite may change its bytes and its free event -- never its allocation, category, phase, module
+or op -- and the result reads that object. `records` is the result: the step's records less the
+dropped ones, in their order, then the added ones; as C arrays made from the runs' columns
+(`RewrittenRecords.columns`), as `Record`s only for a reader that iterates.
 """
 
 from __future__ import annotations
 
+import bisect
+import heapq
+from array import array
 from dataclasses import dataclass
 
+from vramplan import native
 from vramplan.estimate.allocator import round_size
 from vramplan.footprint import Category
+from vramplan.native import NEVER
 from vramplan.timeline import Record
 
 SCALE = 1 << 16
 WEIGHTS = (Category.TRAINABLE_WEIGHTS, Category.FROZEN_WEIGHTS)
+_UNBOUNDED = (-(1 << 62), 1 << 62)
 
 
 def rounded(nbytes: int) -> int:
@@ -35,14 +50,119 @@ class StepWindows:
     optimizer: tuple[int, int]
 
 
+def _scaled(r: Record, scale: int) -> Record:
+    return Record(r.nbytes, r.alloc_at * scale, None if r.free_at is None else r.free_at * scale, r.category,
+                  r.phase, r.module, r.op, r.saved)
+
+
+class _Base:
+    """The step's records as the rewrite found them, read in place: the timeline's runs (lists
+    of Records, `record_log.Shifted` windows, the log's tail) with their first index, events
+    read times SCALE."""
+
+    def __init__(self, records):
+        runs = getattr(records, "runs", None)
+        if runs is not None and getattr(records, "_flat", None) is None:
+            runs = list(runs) + [records.tail]
+        else:                              # a list, or a log already read as one
+            runs = [records if isinstance(records, list) else list(records)]
+        self.runs, self.starts, start = [], [], 0
+        for run in runs:
+            if len(run):
+                self.runs.append(run)
+                self.starts.append(start)
+                start += len(run)
+        self.n = start
+        self._columns = False
+        self._groups: dict = {}
+        self._ranges: list = [None] * len(self.runs)
+
+    def columns(self) -> tuple | None:
+        """(nbytes, alloc_at, free_at, codes) of every record, events scaled (made once; the
+        caller copies before changing them); None without the C library or where a category is
+        not a `Category`."""
+        if self._columns is False:
+            from vramplan.estimate.record_log import _run_columns
+
+            made = _run_columns(self.runs) if native.library() is not None else None
+            if made is not None:
+                native.scale(made[1], made[2], SCALE)
+            self._columns = made
+        return self._columns
+
+    def of_category(self, category) -> list[tuple[int, list[int]]]:
+        """(run, its records that may be of `category`, ascending) for the runs holding some: a
+        window's rows by their kept groups, its handles and list runs by their Record (the caller
+        checks each record's category itself). Made once per category."""
+        known = self._groups.get(category)
+        if known is not None:
+            return known
+        out = self._groups[category] = []
+        for k, run in enumerate(self.runs):
+            if isinstance(run, list):
+                found = [j for j, r in enumerate(run) if r.category is category]
+            else:
+                handles = run.handles
+                found = run.rows.of_category(category)
+                if handles:
+                    found = sorted([j for j in found if j not in handles] +
+                                   [j for j, r in handles.items() if r.category is category])
+            if found:
+                out.append((k, found))
+        return out
+
+    def alloc_range(self, k: int) -> tuple[int, int]:
+        """[first, last + 1) scaled allocation events of run k's records."""
+        known = self._ranges[k]
+        if known is None:
+            run = self.runs[k]
+            if isinstance(run, list):
+                events = [r.alloc_at for r in run]
+            else:
+                columns = run.rows.columns()
+                events = [a + run.offset for a in (columns[1] if columns is not None else
+                                                   (r[1] for r in run.rows.rows))]
+            known = self._ranges[k] = (min(events) * SCALE, (max(events) + 1) * SCALE)
+        return known
+
+    def record(self, k: int, j: int) -> Record:
+        """Record j of run k as a fresh Record, scaled."""
+        run = self.runs[k]
+        return _scaled(run[j], SCALE) if isinstance(run, list) else run.scaled_record(j, SCALE)
+
+    def fill(self, view: "_RowView", k: int, j: int) -> "_RowView":
+        """`view` holding what `record(k, j)` would, without making a Record."""
+        run = self.runs[k]
+        if isinstance(run, list) or j in run.handles:
+            r = run[j] if isinstance(run, list) else run.handles[j]
+            view.nbytes, view.alloc_at, view.category, view.phase = r.nbytes, r.alloc_at * SCALE, r.category, r.phase
+            view.free_at = None if r.free_at is None else r.free_at * SCALE
+            view.module, view.op, view.saved = r.module, r.op, r.saved
+            return view
+        n, a, f, c, p, m, o, s = run.rows.row(j)
+        off, limit = run.offset, run.limit
+        view.nbytes, view.alloc_at, view.category, view.phase = n, (a + off) * SCALE, c, run.prefix + p
+        view.free_at = None if f is None or (limit is not None and f > limit) else (f + off) * SCALE
+        view.module, view.op, view.saved = m, o, s
+        return view
+
+
+class _RowView:
+    """A base record's fields for a predicate to read (one object, filled record by record):
+    deciding what to drop reads thousands of records the rewrite then leaves alone."""
+
+    __slots__ = ("nbytes", "alloc_at", "free_at", "category", "phase", "module", "op", "saved")
+
+
 class Rewriter:
-    def __init__(self, records: list[Record], phases: list[tuple[str, int]], end: int):
-        # built directly: dataclasses.replace costs ten times more, and a fit over several GPUs
-        # rescales ~10^5 records per candidate; a step's RecordLog makes them from its runs' rows
-        scaled = getattr(records, "scaled", None)
-        self.records = scaled(SCALE) if scaled is not None else [
-            Record(r.nbytes, r.alloc_at * SCALE, None if r.free_at is None else r.free_at * SCALE,
-                   r.category, r.phase, r.module, r.op, r.saved) for r in records]
+    def __init__(self, records, phases: list[tuple[str, int]], end: int):
+        self._base = _Base(records)
+        self._dropped = bytearray(self._base.n)      # base index -> 1 once dropped
+        self._dropped_in: dict[int, list[int]] = {}   # run -> its records dropped
+        self._owned: dict[int, Record] = {}           # base index -> the rewrite's own Record
+        self._added: list[Record] = []
+        self._version = 0
+        self._view = None
         self.phases = [(name, event * SCALE) for name, event in phases]
         self.end = (end + 1) * SCALE
         self._before: dict[int, int] = {}
@@ -84,29 +204,234 @@ class Rewriter:
         return out
 
     # -- records ---------------------------------------------------------------------------------
+    def _own(self, k: int, j: int) -> Record:
+        """Record j of run k as the rewrite's own (made once): what it changes and reads back."""
+        i = self._base.starts[k] + j
+        r = self._owned.get(i)
+        if r is None:
+            r = self._owned[i] = self._base.record(k, j)
+            self._version += 1        # a view made before holds a copy of it, not it
+        return r
+
+    def _candidates(self, categories: tuple, window: tuple[int, int] | None):
+        """(run, record) of the records not dropped that may be of `categories`, allocated
+        within `window` (scaled [first, end); None: any), in record order."""
+        base, dropped = self._base, self._dropped
+        runs: dict[int, list] = {}
+        for category in categories:
+            for k, found in base.of_category(category):
+                runs.setdefault(k, []).append(found)
+        lo, hi = window if window is not None else _UNBOUNDED
+        columns = base.columns() if window is not None else None
+        for k in sorted(runs):
+            start = base.starts[k]
+            if window is not None:
+                first, end = base.alloc_range(k)
+                if end <= lo or first >= hi:
+                    continue
+            found = runs[k]
+            found = found[0] if len(found) == 1 else list(heapq.merge(*found))
+            if window is None:
+                for j in found:
+                    if not dropped[start + j]:
+                        yield k, j
+            elif columns is not None:
+                alloc = columns[1]
+                for j in found:
+                    if not dropped[start + j] and lo <= alloc[start + j] < hi:
+                        yield k, j
+            else:
+                view = _RowView()
+                for j in found:
+                    if not dropped[start + j] and lo <= base.fill(view, k, j).alloc_at < hi:
+                        yield k, j
+
     def add(self, nbytes: int, at: int, free_at: int | None, category: Category, phase: str,
             op: str, module: str = "") -> Record:
         rec = Record(rounded(nbytes), at, free_at, category, phase, module, op)
         if rec.nbytes > 0:
-            self.records.append(rec)
+            self._added.append(rec)
+            self._version += 1
         return rec
 
-    def drop(self, predicate, categories: tuple, window: tuple[int, int] | None = None) -> list[Record]:
+    def of_categories(self, categories: tuple, window: tuple[int, int] | None = None) -> list[Record]:
+        """The records of `categories` (allocated within `window`, scaled [first, end), when
+        given), in record order: the rewrite's own, to change."""
+        lo, hi = window if window is not None else _UNBOUNDED
+        out = [r for r in (self._own(k, j) for k, j in self._candidates(categories, window))
+               if r.category in categories]
+        out += [r for r in self._added if r.category in categories and lo <= r.alloc_at < hi]
+        return out
+
+    def drop(self, predicate, categories: tuple, window: tuple[int, int] | None = None) -> list[int]:
         """Take out the records of `categories` (allocated within `window`, [first, end) scaled
-        events, when given) that `predicate` holds for, in one pass (the rest keep their order);
-        the dropped ones, in order. The category and the window are tested first, inline: a
-        several-GPU fit drops from some 10^5 records a few times per candidate."""
-        kept, dropped = [], []
-        keep, drop = kept.append, dropped.append
-        lo, hi = window if window is not None else (-(1 << 62), 1 << 62)
-        for r in self.records:
+        events, when given) that `predicate` holds for (the rest keep their order); the dropped
+        ones' allocation events, in order. Only those categories' records are read, through one
+        view (`_RowView`), none made into a Record: a several-GPU fit drops some 10^4 of its
+        10^5 records per candidate."""
+        dropped, view = [], _RowView()
+        starts, owned = self._base.starts, self._owned
+        for k, j in self._candidates(categories, window):
+            i = starts[k] + j
+            r = owned.get(i) or self._base.fill(view, k, j)
+            if r.category in categories and predicate(r):
+                self._dropped[i] = 1
+                self._dropped_in.setdefault(k, []).append(j)
+                dropped.append(r.alloc_at)
+        lo, hi = window if window is not None else _UNBOUNDED
+        kept = []
+        for r in self._added:
             if r.category in categories and lo <= r.alloc_at < hi and predicate(r):
-                drop(r)
+                dropped.append(r.alloc_at)
             else:
-                keep(r)
-        self.records = kept
+                kept.append(r)
+        self._added = kept
+        self._version += 1
         return dropped
 
+    def module_spans(self, window: tuple[int, int]) -> dict[str, list[int]]:
+        """{module: [first, last] scaled allocation event} over the records allocated within
+        `window` (scaled [first, end)), those without a module left out. A window's rows are
+        spanned once per relative window and rows dropped (`Rows.module_spans`)."""
+        lo, hi = window
+        first_event, end_event = -(-lo // SCALE), -(-hi // SCALE)    # the unscaled events inside
+        spans: dict[str, list[int]] = {}
+
+        def merge(module: str, first: int, last: int) -> None:
+            span = spans.get(module)
+            if span is None:
+                spans[module] = [first, last]
+            else:
+                if first < span[0]:
+                    span[0] = first
+                if last > span[1]:
+                    span[1] = last
+
+        dropped = self._dropped
+        for k, (start, run) in enumerate(zip(self._base.starts, self._base.runs)):
+            first, end = self._base.alloc_range(k)
+            if end <= lo or first >= hi:
+                continue
+            if isinstance(run, list):
+                for j, r in enumerate(run):
+                    at = r.alloc_at * SCALE
+                    if r.module and lo <= at < hi and not dropped[start + j]:
+                        merge(r.module, at, at)
+                continue
+            off = run.offset
+            skip = frozenset(self._dropped_in.get(k, ()))
+            for module, (first, last) in run.rows.module_spans(first_event - off, end_event - off, skip).items():
+                merge(module, (first + off) * SCALE, (last + off) * SCALE)
+        for r in self._added:
+            if r.module and lo <= r.alloc_at < hi:
+                merge(r.module, r.alloc_at, r.alloc_at)
+        return spans
+
     def within(self, window: tuple[int, int]) -> list[Record]:
+        """Every record allocated within `window`, as `records` has them (made for a reader that
+        needs them all: the rewrites read `of_categories` and `module_spans`)."""
         start, end = window
         return [r for r in self.records if start <= r.alloc_at < end]
+
+    @property
+    def records(self) -> "RewrittenRecords":
+        """The rewritten records: the step's less the dropped ones, in their order, then the
+        added ones (the same object until the rewrite changes again)."""
+        if self._view is None or self._view.version != self._version:
+            self._view = RewrittenRecords(self)
+        return self._view
+
+
+class RewrittenRecords:
+    """A rewrite's records as a reader takes them: iterated, indexed, counted and extended like
+    a list (`Record`s made on first use), or as C arrays (`columns`) and searched by op
+    (`first_alloc`) without making them."""
+
+    def __init__(self, rw: Rewriter):
+        self.version = rw._version
+        self._rw = rw
+        self._dropped = bytes(rw._dropped)
+        self._added = list(rw._added)
+        self.tail: list = []
+        self._list = None
+
+    # -- as a list -------------------------------------------------------------------------------
+    def _made(self) -> list:
+        if self._list is None:
+            base, owned, dropped = self._rw._base, self._rw._owned, self._dropped
+            out = []
+            for start, run in zip(base.starts, base.runs):
+                made = [_scaled(r, SCALE) for r in run] if isinstance(run, list) else run.scaled(SCALE)
+                for j, r in enumerate(made):
+                    i = start + j
+                    if not dropped[i]:
+                        out.append(owned.get(i, r))
+            out.extend(self._added)
+            out.extend(self.tail)
+            self._list = out
+        return self._list
+
+    def __iter__(self):
+        return iter(self._made())
+
+    def __len__(self) -> int:
+        return self._rw._base.n - self._dropped.count(1) + len(self._added) + len(self.tail)
+
+    def __getitem__(self, index):
+        return self._made()[index]
+
+    def append(self, record: Record) -> None:
+        self.extend([record])
+
+    def extend(self, records) -> None:
+        records = list(records)
+        self.tail.extend(records)
+        if self._list is not None:
+            self._list.extend(records)
+
+    # -- without making them ---------------------------------------------------------------------
+    def first_alloc(self, ops: frozenset, lo: int | None = None, hi: int | None = None) -> int | None:
+        """The allocation event of the first record, in record order, whose op is in `ops` and
+        whose allocation is in [lo, hi) (None: unbounded)."""
+        def wanted(at):
+            return (lo is None or lo <= at) and (hi is None or at < hi)
+
+        base, dropped = self._rw._base, self._dropped
+        for start, run in zip(base.starts, base.runs):
+            if isinstance(run, list):
+                found = next((r.alloc_at * SCALE for j, r in enumerate(run)
+                              if r.op in ops and not dropped[start + j] and wanted(r.alloc_at * SCALE)), None)
+            else:
+                off = run.offset
+                found = next(((a + off) * SCALE for j, a in run.rows.allocs_of(ops)
+                              if not dropped[start + j] and wanted((a + off) * SCALE)), None)
+            if found is not None:
+                return found
+        return next((r.alloc_at for r in self._added + self.tail if r.op in ops and wanted(r.alloc_at)), None)
+
+    def columns(self, extra=()):
+        """The records and `extra` as `native.Columns`, made from the runs' columns (None
+        without the C library)."""
+        from vramplan.estimate.record_log import _CODE
+
+        if native.library() is None:
+            return None
+        made = self._rw._base.columns()
+        if made is None:                  # a category from outside the enum: record by record
+            return native.Columns(list(self), extra)
+        nbytes, alloc_at, free_at, codes = (column[:] for column in made)
+        for i, r in self._rw._owned.items():
+            nbytes[i] = r.nbytes
+            free_at[i] = NEVER if r.free_at is None else r.free_at
+        if self._rw._dropped_in:
+            native.keep(self._dropped, [nbytes, alloc_at, free_at, codes])
+        rest = self._added + self.tail + list(extra)
+        try:
+            codes.extend([_CODE[r.category] for r in rest])
+        except KeyError:
+            return native.Columns(list(self), extra)
+        nbytes.extend([r.nbytes for r in rest])
+        alloc_at.extend([r.alloc_at for r in rest])
+        free_at.extend([NEVER if r.free_at is None else r.free_at for r in rest])
+        return native.Columns.of_arrays(nbytes, alloc_at, free_at, codes, default=Category.TEMPORARIES,
+                                        records=lambda: list(self) + list(extra))

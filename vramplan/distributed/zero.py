@@ -117,14 +117,14 @@ def zero_rewrite(rw: Rewriter, spec: TrainingSpec, component: str, inventory: In
     # -- load ------------------------------------------------------------------------------------
     if stage < 3:
         dropped = rw.drop(lambda r: r.phase == "load" and r.module in trained_names, WEIGHTS)
-        at = min((r.alloc_at for r in dropped), default=rw.after(0))
+        at = min(dropped, default=rw.after(0))
         rw.add(padded * model_itemsize, rw.after(at), None, Category.TRAINABLE_WEIGHTS, "load",
                "zero_flat_params", component)
         result.param_bytes = rounded(padded * model_itemsize) + sum(
-            r.nbytes for r in rw.records if r.phase == "load" and r.category in WEIGHTS and r.module.startswith(prefix))
+            r.nbytes for r in rw.of_categories(WEIGHTS) if r.phase == "load" and r.module.startswith(prefix))
     else:
         dropped = rw.drop(lambda r: r.phase == "load" and r.module.startswith(prefix), WEIGHTS)
-        at = min((r.alloc_at for r in dropped), default=rw.after(0))
+        at = min(dropped, default=rw.after(0))
         frozen = [(n, numel(s)) for n, s in inventory.params if prefix + n not in trained_names]
         part_bytes = rounded(partition * model_itemsize) + sum(rounded(-(-k // world) * model_itemsize)
                                                                for _, k in frozen)
@@ -167,8 +167,7 @@ def zero_rewrite(rw: Rewriter, spec: TrainingSpec, component: str, inventory: In
     rw.drop(lambda r: True, (Category.OPTIMIZER_STATES,))
     persisted: set = set()
     for k, step in enumerate(rw.steps()):
-        bwd = rw.within(step.backward)
-        grads = [r for r in bwd if r.category is Category.GRADIENTS and r.module.startswith(prefix)]
+        grads = [r for r in rw.of_categories((Category.GRADIENTS,), step.backward) if r.module.startswith(prefix)]
         first_grad = min((r.alloc_at for r in grads), default=step.backward[0])
         opt_start, opt_end = step.optimizer
         zero_grad = min((r.free_at for r in grads if r.free_at is not None), default=opt_end - 1)
@@ -231,23 +230,21 @@ def _stage3_working_set(rw: Rewriter, step, k: int, component: str, inventory: I
 
     def spans(window):
         found: dict[str, list[int]] = {}
-        for r in rw.within(window):
-            mod = unit_of.get(r.module)
+        for module, (first, last) in rw.module_spans(window).items():
+            mod = unit_of.get(module)
             if mod is None:
-                mod = r.module
+                mod = module
                 while mod and mod not in units:
                     mod = mod.rpartition(".")[0]
-                unit_of[r.module] = mod
+                unit_of[module] = mod
             if not mod:
                 continue
-            at = r.alloc_at
             span = found.get(mod)
             if span is None:
-                found[mod] = [at, at]
-            elif at < span[0]:
-                span[0] = at
-            elif at > span[1]:
-                span[1] = at
+                found[mod] = [first, last]
+            else:
+                span[0] = min(span[0], first)
+                span[1] = max(span[1], last)
         return found
 
     fwd, bwd = spans(step.forward), spans(step.backward)
@@ -268,6 +265,7 @@ def _stage3_working_set(rw: Rewriter, step, k: int, component: str, inventory: I
         if path not in live and large[path]:
             live[path] = rw.add(large[path] * itemsize, at, None, category(path), ph, "zero3_gathered", path)
             live_large[0] += large[path]
+            waiting.gathered(path)
 
     # reach[j]: the elements fetched by trace[:j]; nearest[i]: the next index fetching trace[i]'s
     # submodule (None: none)
@@ -278,13 +276,13 @@ def _stage3_working_set(rw: Rewriter, step, k: int, component: str, inventory: I
         nearest[i] = seen.get(trace[i][0])
         seen[trace[i][0]] = i
     paths = [p for p, _, _ in trace]
-    fetching = [j for j, p in enumerate(paths) if large[p]]
+    waiting = Waiting(paths, [j for j, p in enumerate(paths) if large[p]])
     for i, (path, kind, (first, last)) in enumerate(trace):
         at = rw.before(first)
         gather(path, at, phase[kind])
         if complete and config.prefetch_bucket_size > 0:
             budget = min(config.prefetch_bucket_size, config.max_live_parameters - live_large[0])
-            for nxt in prefetched(paths, fetching, i, live, large, budget):
+            for nxt in prefetched(paths, waiting.positions, i, large, budget):
                 gather(nxt, at, phase[kind])
         if path not in live:
             continue
@@ -294,22 +292,47 @@ def _stage3_working_set(rw: Rewriter, step, k: int, component: str, inventory: I
         if not keep:
             live.pop(path).free_at = rw.after(last)
             live_large[0] -= large[path]
+            waiting.released(path)
     for rec in live.values():
         rec.free_at = rw.after(step.backward[1] - 1)
 
 
-def prefetched(paths: list, fetching: list, i: int, live, large: dict, budget: int) -> list:
+class Waiting:
+    """The trace's entries that would gather large parameters not gathered now (`positions`,
+    ascending), kept as submodules are gathered and released: a prefetch reads only those. In a
+    complete trace most submodules stay gathered (their reuse distance is within
+    `max_reuse_distance`), and walking past them at every entry made a ZeRO-3 step quadratic in
+    its trace."""
+
+    def __init__(self, paths: list, fetching: list):
+        self.positions = list(fetching)
+        self._of: dict[str, list[int]] = {}
+        for j in fetching:
+            self._of.setdefault(paths[j], []).append(j)
+
+    def gathered(self, path: str) -> None:
+        for j in self._of.get(path, ()):
+            k = bisect.bisect_left(self.positions, j)
+            if k < len(self.positions) and self.positions[k] == j:
+                del self.positions[k]
+
+    def released(self, path: str) -> None:
+        for j in self._of.get(path, ()):
+            k = bisect.bisect_left(self.positions, j)
+            if k == len(self.positions) or self.positions[k] != j:
+                self.positions.insert(k, j)
+
+
+def prefetched(paths: list, waiting: list, i: int, large: dict, budget: int) -> list:
     """The submodules gathered ahead when trace entry `i` runs: the next ones in the trace
-    (`paths`) with large parameters that are not gathered yet, until `budget` elements are.
-    `fetching`: the indices of `paths` whose submodule has large parameters, ascending -- the
-    only ones a prefetch takes (an adapter's trace is mostly small factors: walking every entry
-    made a ZeRO-3 step quadratic in its trace)."""
+    (`paths`) with large parameters that are not gathered yet (`waiting`: their entries,
+    ascending, `Waiting.positions`), until `budget` elements are."""
     out, taken, ahead = [], set(), 0
-    for j in itertools.islice(fetching, bisect.bisect_right(fetching, i), None):
+    for j in itertools.islice(waiting, bisect.bisect_right(waiting, i), None):
         if ahead >= budget:
             break
         path = paths[j]
-        if path not in live and path not in taken:
+        if path not in taken:
             out.append(path)
             taken.add(path)
             ahead += large[path]

@@ -21,15 +21,15 @@ from vramplan.footprint import Category
 from vramplan.native import NEVER
 from vramplan.timeline import Record
 
-# category codes, as `native.Columns.codes(Category.TEMPORARIES)` numbers them
-_CODE, _ = native.category_codes(Category.TEMPORARIES)
+# category codes, as `native.Columns.codes(Category.TEMPORARIES)` numbers them, and back
+_CODE, _KINDS = native.category_codes(Category.TEMPORARIES)
 
 
 class Rows:
     """Records relative to an event, as tuples (nbytes, alloc_at, free_at or None, category,
     phase, module, op, saved) in record order, with their columns made on first use."""
 
-    __slots__ = ("_rows", "n", "_columns", "_ops", "op_names")
+    __slots__ = ("_rows", "n", "_columns", "_ops", "op_names", "_groups", "_spans")
 
     def __init__(self, rows: tuple, op_names: frozenset | None = None):
         self._rows = rows
@@ -37,6 +37,8 @@ class Rows:
         self._columns = None
         self._ops: dict = {}
         self.op_names = op_names     # every row's op is one of these (None: not known)
+        self._groups = None
+        self._spans: dict = {}
 
     @property
     def rows(self) -> tuple:
@@ -74,6 +76,44 @@ class Rows:
 
     def _allocs_of(self, ops: frozenset) -> list:
         return [(i, r[1]) for i, r in enumerate(self.rows) if r[6] in ops]
+
+    def of_category(self, category) -> list:
+        """The rows of `category`, ascending. Kept: the distributed rewrite asks for a few
+        categories of the same windows' rows for every candidate of a several-GPU fit."""
+        if self._groups is None:
+            groups: dict = {}
+            columns = self.columns()
+            if columns is not None:
+                for i, code in enumerate(columns[3]):
+                    groups.setdefault(_KINDS[code], []).append(i)
+            else:
+                for i, r in enumerate(self.rows):
+                    groups.setdefault(r[3], []).append(i)
+            self._groups = groups
+        return self._groups.get(category, [])
+
+    def module_spans(self, lo: int, hi: int, skip: frozenset = frozenset()) -> dict:
+        """{module: (first, last) allocation} over the rows allocated in [lo, hi) but those in
+        `skip`, rows without a module left out; kept per (lo, hi, skip), like `of_category`."""
+        key = (lo, hi, skip)
+        found = self._spans.get(key)
+        if found is None:
+            found = {}
+            for i, r in enumerate(self.rows):
+                at, module = r[1], r[5]
+                if not module or not lo <= at < hi or (skip and i in skip):
+                    continue
+                span = found.get(module)
+                if span is None:
+                    found[module] = (at, at)
+                elif at < span[0]:
+                    found[module] = (at, span[1])
+                elif at > span[1]:
+                    found[module] = (span[0], at)
+            if len(self._spans) >= 16:
+                self._spans.clear()
+            self._spans[key] = found
+        return found
 
 
 class ColumnRows(Rows):
@@ -143,6 +183,16 @@ class Shifted:
         for i, r in self.handles.items():
             out[i] = _scaled(r, scale)
         return out
+
+    def scaled_record(self, i: int, scale: int) -> Record:
+        """Row i as a fresh Record, events times `scale`: `scaled(scale)[i]` alone."""
+        handle = self.handles.get(i)
+        if handle is not None:
+            return _scaled(handle, scale)
+        n, a, f, c, p, m, o, s = self.rows.row(i)
+        off, limit = self.offset, self.limit
+        free = None if f is None or (limit is not None and f > limit) else (f + off) * scale
+        return Record(n, (a + off) * scale, free, c, self.prefix + p, m, o, s)
 
     def _made(self, scale: int) -> list:
         """Every row as a fresh Record, events times `scale` (handles included, as rows)."""
