@@ -313,7 +313,7 @@ def _optimizer(rw: Rewriter, spec, layouts, trained_units, param_itemsize, rank,
                 slices.append((local,))
     states = optimizer_state_tensors(spec.optimizer, slices, param_itemsize, spec.momentum)
     state_bytes = sum(rounded(s.nbytes) for s in states if not s.on_host)
-    rw.drop(lambda r: True, (Category.OPTIMIZER_STATES,))
+    rw.drop(None, (Category.OPTIMIZER_STATES,))
     for step in rw.steps():
         start, end = step.optimizer
         phase = step.prefix + "optimizer"

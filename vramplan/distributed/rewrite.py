@@ -130,28 +130,21 @@ class _Base:
         run = self.runs[k]
         return _scaled(run[j], SCALE) if isinstance(run, list) else run.scaled_record(j, SCALE)
 
-    def fill(self, view: "_RowView", k: int, j: int) -> "_RowView":
-        """`view` holding what `record(k, j)` would, without making a Record."""
+    def alloc_at(self, k: int, j: int) -> int:
+        """Record j of run k's scaled allocation event."""
+        columns = self.columns()
+        if columns is not None:
+            return columns[1][self.starts[k] + j]
         run = self.runs[k]
-        if isinstance(run, list) or j in run.handles:
-            r = run[j] if isinstance(run, list) else run.handles[j]
-            view.nbytes, view.alloc_at, view.category, view.phase = r.nbytes, r.alloc_at * SCALE, r.category, r.phase
-            view.free_at = None if r.free_at is None else r.free_at * SCALE
-            view.module, view.op, view.saved = r.module, r.op, r.saved
-            return view
-        n, a, f, c, p, m, o, s = run.rows.row(j)
-        off, limit = run.offset, run.limit
-        view.nbytes, view.alloc_at, view.category, view.phase = n, (a + off) * SCALE, c, run.prefix + p
-        view.free_at = None if f is None or (limit is not None and f > limit) else (f + off) * SCALE
-        view.module, view.op, view.saved = m, o, s
-        return view
+        if isinstance(run, list):
+            return run[j].alloc_at * SCALE
+        return (run.rows.row(j)[1] + run.offset) * SCALE
 
 
-class _RowView:
-    """A base record's fields for a predicate to read (one object, filled record by record):
-    deciding what to drop reads thousands of records the rewrite then leaves alone."""
+class _Fields:
+    """What a drop's predicate reads of a window's row (one object, filled row by row)."""
 
-    __slots__ = ("nbytes", "alloc_at", "free_at", "category", "phase", "module", "op", "saved")
+    __slots__ = ("category", "phase", "module", "op", "saved")
 
 
 class Rewriter:
@@ -213,8 +206,8 @@ class Rewriter:
             self._version += 1        # a view made before holds a copy of it, not it
         return r
 
-    def _candidates(self, categories: tuple, window: tuple[int, int] | None):
-        """(run, record) of the records not dropped that may be of `categories`, allocated
+    def _candidates(self, categories: tuple, window: tuple[int, int] | None) -> list[tuple[int, list[int]]]:
+        """(run, its records) of the records not dropped that may be of `categories`, allocated
         within `window` (scaled [first, end); None: any), in record order."""
         base, dropped = self._base, self._dropped
         runs: dict[int, list] = {}
@@ -222,29 +215,21 @@ class Rewriter:
             for k, found in base.of_category(category):
                 runs.setdefault(k, []).append(found)
         lo, hi = window if window is not None else _UNBOUNDED
-        columns = base.columns() if window is not None else None
+        out = []
         for k in sorted(runs):
             start = base.starts[k]
-            if window is not None:
-                first, end = base.alloc_range(k)
-                if end <= lo or first >= hi:
-                    continue
+            first, end = base.alloc_range(k) if window is not None else _UNBOUNDED
+            if end <= lo or first >= hi:
+                continue
             found = runs[k]
             found = found[0] if len(found) == 1 else list(heapq.merge(*found))
-            if window is None:
-                for j in found:
-                    if not dropped[start + j]:
-                        yield k, j
-            elif columns is not None:
-                alloc = columns[1]
-                for j in found:
-                    if not dropped[start + j] and lo <= alloc[start + j] < hi:
-                        yield k, j
+            if lo <= first and end <= hi:          # the whole run is within the window
+                found = [j for j in found if not dropped[start + j]]
             else:
-                view = _RowView()
-                for j in found:
-                    if not dropped[start + j] and lo <= base.fill(view, k, j).alloc_at < hi:
-                        yield k, j
+                found = [j for j in found if not dropped[start + j] and lo <= base.alloc_at(k, j) < hi]
+            if found:
+                out.append((k, found))
+        return out
 
     def add(self, nbytes: int, at: int, free_at: int | None, category: Category, phase: str,
             op: str, module: str = "") -> Record:
@@ -258,30 +243,42 @@ class Rewriter:
         """The records of `categories` (allocated within `window`, scaled [first, end), when
         given), in record order: the rewrite's own, to change."""
         lo, hi = window if window is not None else _UNBOUNDED
-        out = [r for r in (self._own(k, j) for k, j in self._candidates(categories, window))
+        out = [r for k, found in self._candidates(categories, window) for r in (self._own(k, j) for j in found)
                if r.category in categories]
         out += [r for r in self._added if r.category in categories and lo <= r.alloc_at < hi]
         return out
 
     def drop(self, predicate, categories: tuple, window: tuple[int, int] | None = None) -> list[int]:
         """Take out the records of `categories` (allocated within `window`, [first, end) scaled
-        events, when given) that `predicate` holds for (the rest keep their order); the dropped
-        ones' allocation events, in order. Only those categories' records are read, through one
-        view (`_RowView`), none made into a Record: a several-GPU fit drops some 10^4 of its
-        10^5 records per candidate."""
-        dropped, view = [], _RowView()
-        starts, owned = self._base.starts, self._owned
-        for k, j in self._candidates(categories, window):
-            i = starts[k] + j
-            r = owned.get(i) or self._base.fill(view, k, j)
-            if r.category in categories and predicate(r):
-                self._dropped[i] = 1
-                self._dropped_in.setdefault(k, []).append(j)
-                dropped.append(r.alloc_at)
+        events, when given) that `predicate` holds for (None: all of them; the rest keep their
+        order); the dropped ones' allocation events, in order. `predicate` reads a record's
+        category, phase, module, op and saved, never its bytes or events: the window's rows are
+        shown to it through one `_Fields`, none made into a Record (a several-GPU fit drops some
+        10^4 of its 10^5 records per candidate)."""
+        base, owned, dropped = self._base, self._owned, []
+        fields = _Fields()
+        for k, found in self._candidates(categories, window):
+            run, start = base.runs[k], base.starts[k]
+            listed = isinstance(run, list)
+            handles = {} if listed else run.handles
+            taken = []
+            for j in found:
+                r = owned.get(start + j) or (run[j] if listed else handles.get(j))
+                if r is None:
+                    _, _, _, fields.category, phase, fields.module, fields.op, fields.saved = run.rows.row(j)
+                    fields.phase = run.prefix + phase
+                    r = fields
+                if r.category in categories and (predicate is None or predicate(r)):
+                    taken.append(j)
+            for j in taken:
+                self._dropped[start + j] = 1
+                dropped.append(base.alloc_at(k, j))
+            if taken:
+                self._dropped_in.setdefault(k, []).extend(taken)
         lo, hi = window if window is not None else _UNBOUNDED
         kept = []
         for r in self._added:
-            if r.category in categories and lo <= r.alloc_at < hi and predicate(r):
+            if r.category in categories and lo <= r.alloc_at < hi and (predicate is None or predicate(r)):
                 dropped.append(r.alloc_at)
             else:
                 kept.append(r)

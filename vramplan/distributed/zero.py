@@ -164,7 +164,7 @@ def zero_rewrite(rw: Rewriter, spec: TrainingSpec, component: str, inventory: In
         result.host_state_bytes = result.state_bytes
         result.host_pinned_bytes += rounded(partition * 4)        # the fp32 gradient, pinned
         result.state_bytes = 0
-    rw.drop(lambda r: True, (Category.OPTIMIZER_STATES,))
+    rw.drop(None, (Category.OPTIMIZER_STATES,))
     persisted: set = set()
     for k, step in enumerate(rw.steps()):
         grads = [r for r in rw.of_categories((Category.GRADIENTS,), step.backward) if r.module.startswith(prefix)]
