@@ -225,6 +225,9 @@ class Rewriter:
             found = found[0] if len(found) == 1 else list(heapq.merge(*found))
             if lo <= first and end <= hi:          # the whole run is within the window
                 found = [j for j in found if not dropped[start + j]]
+            elif base.columns() is not None:
+                alloc = base.columns()[1]
+                found = [j for j in found if not dropped[start + j] and lo <= alloc[start + j] < hi]
             else:
                 found = [j for j in found if not dropped[start + j] and lo <= base.alloc_at(k, j) < hi]
             if found:
@@ -270,11 +273,18 @@ class Rewriter:
                     r = fields
                 if r.category in categories and (predicate is None or predicate(r)):
                     taken.append(j)
+            if not taken:
+                continue
+            mask = self._dropped
             for j in taken:
-                self._dropped[start + j] = 1
-                dropped.append(base.alloc_at(k, j))
-            if taken:
-                self._dropped_in.setdefault(k, []).extend(taken)
+                mask[start + j] = 1
+            columns = base.columns()
+            if columns is not None:
+                alloc = columns[1]
+                dropped += [alloc[start + j] for j in taken]
+            else:
+                dropped += [base.alloc_at(k, j) for j in taken]
+            self._dropped_in.setdefault(k, []).extend(taken)
         lo, hi = window if window is not None else _UNBOUNDED
         kept = []
         for r in self._added:
