@@ -125,6 +125,11 @@ PARTS = [
     ("vramplan.fit.walk", "estimated_device_used", "decided by device used (the rest of it)"),
     ("vramplan.fit.walk", "peak_live_bytes", "live-bytes peak (lower bound)"),
     ("vramplan.fit.walk", "static_bytes", "static lower bound"),
+    # several GPUs: the step rewritten per strategy (vramplan/distributed/)
+    ("vramplan.distributed.plan", "fsdp_rewrite", "FSDP rewrite"),
+    ("vramplan.distributed.plan", "zero_rewrite", "ZeRO rewrite"),
+    ("vramplan.distributed.plan", "ddp_rewrite", "DDP rewrite"),
+    ("vramplan.distributed.rewrite", "RewrittenRecords.columns", "rewritten records to C"),
 ]
 
 
