@@ -83,3 +83,23 @@ def test_placeholder_ids_map_past_the_old_embedding_rows(tiny):
     assert max(i for i in ids if i < old + 10) < old
     with pytest.raises(Exception, match="already in the tokenizer"):
         data.add_placeholder(tokenizer, "<tok>", 1, vocab=old)
+
+
+def test_example_images_at_any_size_and_count(tmp_path):
+    """make_tiny_pipeline's images, as scripts/make_random_pipeline.py asks for them for a
+    full-size model: `count` captioned PNGs of `size` pixels, the shapes drawn in proportion."""
+    from PIL import Image
+
+    from tests.train.conftest import _example_module
+
+    folder = _example_module().make_images(tmp_path, size=256, count=6)
+    pngs = sorted(folder.glob("*.png"))
+    assert len(pngs) == 6 and all((p.with_suffix(".txt")).read_text().strip() for p in pngs)
+    first = Image.open(pngs[0])
+    assert first.size == (256, 256)
+    # image 0 is a square from 16/64 to 48/64 of the side: its colour inside, the field's outside
+    assert first.getpixel((128, 128)) != first.getpixel((10, 10))
+    assert first.getpixel((70, 70)) == first.getpixel((180, 180))
+    # the second round of shapes turns the colours: image 4 is image 0's square, recoloured
+    again = Image.open(pngs[4])
+    assert again.getpixel((128, 128)) != first.getpixel((128, 128))
