@@ -139,7 +139,8 @@ def test_made_up_steps_rewritten_in_place_and_as_a_list_agree(seed):
         window = None if rng.random() < 0.3 else (lo, lo + rng.randint(1, 60) * SCALE)
         if kind == "drop":
             module = rng.choice(["", "unet.a", "unet.c", None])
-            predicate = None if module is None else (lambda r: r.module.startswith(module) and r.phase != "load")
+            predicate = None if module is None else (
+                lambda r, module=module: r.module.startswith(module) and r.phase != "load")
             assert fast.drop(predicate, categories, window) == slow.drop(predicate, categories, window)
         elif kind == "of":
             got, want = fast.of_categories(categories, window), slow.of_categories(categories, window)

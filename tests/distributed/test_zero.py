@@ -6,7 +6,6 @@ prefetch bucket is full."""
 import random
 
 from vramplan.distributed.zero import Waiting, prefetched
-from vramplan.estimate import estimate
 from vramplan.spec import build_spec
 
 

@@ -19,13 +19,12 @@ dropped ones, in their order, then the added ones; as C arrays made from the run
 
 from __future__ import annotations
 
-import bisect
 import heapq
-from array import array
 from dataclasses import dataclass
 
 from vramplan import native
 from vramplan.estimate.allocator import round_size
+from vramplan.estimate.record_log import _CODE, ReadAsList, _run_columns
 from vramplan.footprint import Category
 from vramplan.native import NEVER
 from vramplan.timeline import Record
@@ -82,8 +81,6 @@ class _Base:
         caller copies before changing them); None without the C library or where a category is
         not a `Category`."""
         if self._columns is False:
-            from vramplan.estimate.record_log import _run_columns
-
             made = _run_columns(self.runs) if native.library() is not None else None
             if made is not None:
                 native.scale(made[1], made[2], SCALE)
@@ -349,7 +346,7 @@ class Rewriter:
         return self._view
 
 
-class RewrittenRecords:
+class RewrittenRecords(ReadAsList):
     """A rewrite's records as a reader takes them: iterated, indexed, counted and extended like
     a list (`Record`s made on first use), or as C arrays (`columns`) and searched by op
     (`first_alloc`) without making them."""
@@ -360,11 +357,11 @@ class RewrittenRecords:
         self._dropped = bytes(rw._dropped)
         self._added = list(rw._added)
         self.tail: list = []
-        self._list = None
+        self._flat = None
 
     # -- as a list -------------------------------------------------------------------------------
-    def _made(self) -> list:
-        if self._list is None:
+    def _list(self) -> list:
+        if self._flat is None:
             base, owned, dropped = self._rw._base, self._rw._owned, self._dropped
             out = []
             for start, run in zip(base.starts, base.runs):
@@ -375,26 +372,11 @@ class RewrittenRecords:
                         out.append(owned.get(i, r))
             out.extend(self._added)
             out.extend(self.tail)
-            self._list = out
-        return self._list
-
-    def __iter__(self):
-        return iter(self._made())
+            self._flat = out
+        return self._flat
 
     def __len__(self) -> int:
         return self._rw._base.n - self._dropped.count(1) + len(self._added) + len(self.tail)
-
-    def __getitem__(self, index):
-        return self._made()[index]
-
-    def append(self, record: Record) -> None:
-        self.extend([record])
-
-    def extend(self, records) -> None:
-        records = list(records)
-        self.tail.extend(records)
-        if self._list is not None:
-            self._list.extend(records)
 
     # -- without making them ---------------------------------------------------------------------
     def first_alloc(self, ops: frozenset, lo: int | None = None, hi: int | None = None) -> int | None:
@@ -419,8 +401,6 @@ class RewrittenRecords:
     def columns(self, extra=()):
         """The records and `extra` as `native.Columns`, made from the runs' columns (None
         without the C library)."""
-        from vramplan.estimate.record_log import _CODE
-
         if native.library() is None:
             return None
         made = self._rw._base.columns()

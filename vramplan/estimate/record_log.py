@@ -232,7 +232,33 @@ class Shifted:
         return Shifted(self.rows, self.offset + offset, limit, prefix + self.prefix, handles)
 
 
-class RecordLog:
+class ReadAsList:
+    """Records read like a list: `_list()` makes them all on first read (kept in `_flat`), and
+    `tail` holds what readers add (workspaces), the made list extended too."""
+
+    tail: list
+    _flat: list | None
+
+    def _list(self) -> list:
+        raise NotImplementedError
+
+    def __iter__(self):
+        return iter(self._list())
+
+    def __getitem__(self, index):
+        return self._list()[index]
+
+    def append(self, record: Record) -> None:
+        self.extend([record])
+
+    def extend(self, records) -> None:
+        records = list(records)
+        self.tail.extend(records)
+        if self._flat is not None:
+            self._flat.extend(records)
+
+
+class RecordLog(ReadAsList):
     """A step's records: runs (lists of Records, or `Shifted`) in order, and a tail that readers
     may extend (workspaces). Iterates, indexes and counts like the list of all records; its C
     arrays are made from the runs (`columns`) without making records."""
@@ -252,23 +278,8 @@ class RecordLog:
             self._flat.extend(self.tail)
         return self._flat
 
-    def __iter__(self):
-        return iter(self._list())
-
     def __len__(self) -> int:
         return sum(len(r) for r in self.runs) + len(self.tail)
-
-    def __getitem__(self, index):
-        return self._list()[index]
-
-    def append(self, record: Record) -> None:
-        self.extend([record])
-
-    def extend(self, records) -> None:
-        records = list(records)
-        self.tail.extend(records)
-        if self._flat is not None:
-            self._flat.extend(records)
 
     def scaled(self, scale: int) -> list:
         """Copies of the records, in order, with every event times `scale` (what the distributed
