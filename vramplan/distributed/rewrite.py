@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from vramplan import native
 from vramplan.estimate.allocator import round_size
-from vramplan.estimate.record_log import _CODE, ReadAsList, _run_columns
+from vramplan.estimate.record_log import _CODE, ReadAsList, _run_columns, _scaled
 from vramplan.footprint import Category
 from vramplan.native import NEVER
 from vramplan.timeline import Record
@@ -47,11 +47,6 @@ class StepWindows:
     forward: tuple[int, int]
     backward: tuple[int, int]
     optimizer: tuple[int, int]
-
-
-def _scaled(r: Record, scale: int) -> Record:
-    return Record(r.nbytes, r.alloc_at * scale, None if r.free_at is None else r.free_at * scale, r.category,
-                  r.phase, r.module, r.op, r.saved)
 
 
 class _Base:
@@ -114,12 +109,10 @@ class _Base:
         if known is None:
             run = self.runs[k]
             if isinstance(run, list):
-                events = [r.alloc_at for r in run]
+                first, last = min(r.alloc_at for r in run), max(r.alloc_at for r in run)
             else:
-                columns = run.rows.columns()
-                events = [a + run.offset for a in (columns[1] if columns is not None else
-                                                   (r[1] for r in run.rows.rows))]
-            known = self._ranges[k] = (min(events) * SCALE, (max(events) + 1) * SCALE)
+                first, last = (a + run.offset for a in run.rows.alloc_bounds())
+            known = self._ranges[k] = (first * SCALE, (last + 1) * SCALE)
         return known
 
     def record(self, k: int, j: int) -> Record:

@@ -29,7 +29,7 @@ class Rows:
     """Records relative to an event, as tuples (nbytes, alloc_at, free_at or None, category,
     phase, module, op, saved) in record order, with their columns made on first use."""
 
-    __slots__ = ("_rows", "n", "_columns", "_ops", "op_names", "_groups", "_spans")
+    __slots__ = ("_rows", "n", "_columns", "_ops", "op_names", "_groups", "_spans", "_bounds")
 
     def __init__(self, rows: tuple, op_names: frozenset | None = None):
         self._rows = rows
@@ -39,6 +39,7 @@ class Rows:
         self.op_names = op_names     # every row's op is one of these (None: not known)
         self._groups = None
         self._spans: dict = {}
+        self._bounds = None
 
     @property
     def rows(self) -> tuple:
@@ -91,6 +92,14 @@ class Rows:
                     groups.setdefault(r[3], []).append(i)
             self._groups = groups
         return self._groups.get(category, [])
+
+    def alloc_bounds(self) -> tuple[int, int]:
+        """The first and last allocation event of the rows (kept)."""
+        if self._bounds is None:
+            columns = self.columns()
+            events = columns[1] if columns is not None else [r[1] for r in self.rows]
+            self._bounds = (min(events), max(events))
+        return self._bounds
 
     def module_spans(self, lo: int, hi: int, skip: frozenset = frozenset()) -> dict:
         """{module: (first, last) allocation} over the rows allocated in [lo, hi) but those in
