@@ -256,13 +256,13 @@ def scale(alloc_at: array, free_at: array, factor: int) -> None:
 def keep(dropped: bytes, columns: list) -> None:
     """Each column (an array of n int64) less its entries whose `dropped` byte is not 0, in
     order, in place."""
-    import ctypes
-
-    mask = ctypes.create_string_buffer(bytes(dropped), len(dropped))
+    # an array, not a ctypes buffer: each buffer length made a new ctypes type, and types are
+    # reference cycles the CLI's frozen collector would never free (tests/test_timeline.py)
+    mask = array("B", dropped)
     for column in columns:
         if len(column) != len(dropped):
             raise IndexError("keep: a column and the mask differ in length")
-        k = library().vp_keep(len(dropped), ctypes.addressof(mask), _address(column))
+        k = library().vp_keep(len(dropped), _address(mask), _address(column))
         del column[k:]
 
 

@@ -345,9 +345,12 @@ class RewrittenRecords(ReadAsList):
     (`first_alloc`) without making them."""
 
     def __init__(self, rw: Rewriter):
+        # what it reads of the rewrite, not the rewrite itself, which keeps it: no reference
+        # cycle, which the CLI's frozen collector would never free (tests/test_timeline.py)
         self.version = rw._version
-        self._rw = rw
+        self._base, self._owned = rw._base, rw._owned
         self._dropped = bytes(rw._dropped)
+        self._any_dropped = bool(rw._dropped_in)
         self._added = list(rw._added)
         self.tail: list = []
         self._flat = None
@@ -355,7 +358,7 @@ class RewrittenRecords(ReadAsList):
     # -- as a list -------------------------------------------------------------------------------
     def _list(self) -> list:
         if self._flat is None:
-            base, owned, dropped = self._rw._base, self._rw._owned, self._dropped
+            base, owned, dropped = self._base, self._owned, self._dropped
             out = []
             for start, run in zip(base.starts, base.runs):
                 made = [_scaled(r, SCALE) for r in run] if isinstance(run, list) else run.scaled(SCALE)
@@ -369,7 +372,7 @@ class RewrittenRecords(ReadAsList):
         return self._flat
 
     def __len__(self) -> int:
-        return self._rw._base.n - self._dropped.count(1) + len(self._added) + len(self.tail)
+        return self._base.n - self._dropped.count(1) + len(self._added) + len(self.tail)
 
     # -- without making them ---------------------------------------------------------------------
     def first_alloc(self, ops: frozenset, lo: int | None = None, hi: int | None = None) -> int | None:
@@ -378,7 +381,7 @@ class RewrittenRecords(ReadAsList):
         def wanted(at):
             return (lo is None or lo <= at) and (hi is None or at < hi)
 
-        base, dropped = self._rw._base, self._dropped
+        base, dropped = self._base, self._dropped
         for start, run in zip(base.starts, base.runs):
             if isinstance(run, list):
                 found = next((r.alloc_at * SCALE for j, r in enumerate(run)
@@ -396,14 +399,14 @@ class RewrittenRecords(ReadAsList):
         without the C library)."""
         if native.library() is None:
             return None
-        made = self._rw._base.columns()
+        made = self._base.columns()
         if made is None:                  # a category from outside the enum: record by record
             return native.Columns(list(self), extra)
         nbytes, alloc_at, free_at, codes = (column[:] for column in made)
-        for i, r in self._rw._owned.items():
+        for i, r in self._owned.items():
             nbytes[i] = r.nbytes
             free_at[i] = NEVER if r.free_at is None else r.free_at
-        if self._rw._dropped_in:
+        if self._any_dropped:
             native.keep(self._dropped, [nbytes, alloc_at, free_at, codes])
         rest = self._added + self.tail + list(extra)
         try:
