@@ -250,19 +250,27 @@ class Rewriter:
         10^4 of its 10^5 records per candidate)."""
         base, owned, dropped = self._base, self._owned, []
         fields = _Fields()
+        # a window's rows are grouped by their category codes, exact but for TEMPORARIES (a row
+        # without a category counts there): with no predicate the others need no reading
+        unread = predicate is None and Category.TEMPORARIES not in categories
         for k, found in self._candidates(categories, window):
             run, start = base.runs[k], base.starts[k]
             listed = isinstance(run, list)
             handles = {} if listed else run.handles
-            taken = []
-            for j in found:
-                r = owned.get(start + j) or (run[j] if listed else handles.get(j))
-                if r is None:
-                    _, _, _, fields.category, phase, fields.module, fields.op, fields.saved = run.rows.row(j)
-                    fields.phase = run.prefix + phase
-                    r = fields
-                if r.category in categories and (predicate is None or predicate(r)):
-                    taken.append(j)
+            if unread and not listed:
+                fields.category = categories[0]        # a row's: one of its group's
+                taken = [j for j in found if (owned.get(start + j) or handles.get(j) or fields).category in categories]
+            else:
+                # the rows as tuples, made once per window and kept with it (its other readers too)
+                rows, prefix, taken = None if listed else run.rows.rows, None if listed else run.prefix, []
+                for j in found:
+                    r = owned.get(start + j) or (run[j] if listed else handles.get(j))
+                    if r is None:
+                        _, _, _, fields.category, phase, fields.module, fields.op, fields.saved = rows[j]
+                        fields.phase = prefix + phase
+                        r = fields
+                    if r.category in categories and (predicate is None or predicate(r)):
+                        taken.append(j)
             if not taken:
                 continue
             mask = self._dropped
