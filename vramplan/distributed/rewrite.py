@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from vramplan import native
 from vramplan.estimate.allocator import round_size
-from vramplan.estimate.record_log import _CODE, ReadAsList, _run_columns, _scaled
+from vramplan.estimate.record_log import _CODE, ReadAsList, RecordLog, _run_columns, _scaled
 from vramplan.footprint import Category
 from vramplan.native import NEVER
 from vramplan.timeline import Record
@@ -332,12 +332,6 @@ class Rewriter:
                 merge(r.module, r.alloc_at, r.alloc_at)
         return spans
 
-    def within(self, window: tuple[int, int]) -> list[Record]:
-        """Every record allocated within `window`, as `records` has them (made for a reader that
-        needs them all: the rewrites read `of_categories` and `module_spans`)."""
-        start, end = window
-        return [r for r in self.records if start <= r.alloc_at < end]
-
     @property
     def records(self) -> "RewrittenRecords":
         """The rewritten records: the step's less the dropped ones, in their order, then the
@@ -366,14 +360,8 @@ class RewrittenRecords(ReadAsList):
     # -- as a list -------------------------------------------------------------------------------
     def _list(self) -> list:
         if self._flat is None:
-            base, owned, dropped = self._base, self._owned, self._dropped
-            out = []
-            for start, run in zip(base.starts, base.runs):
-                made = [_scaled(r, SCALE) for r in run] if isinstance(run, list) else run.scaled(SCALE)
-                for j, r in enumerate(made):
-                    i = start + j
-                    if not dropped[i]:
-                        out.append(owned.get(i, r))
+            owned, dropped = self._owned, self._dropped
+            out = [owned.get(i, r) for i, r in enumerate(RecordLog(self._base.runs).scaled(SCALE)) if not dropped[i]]
             out.extend(self._added)
             out.extend(self.tail)
             self._flat = out

@@ -291,8 +291,9 @@ class RecordLog(ReadAsList):
         return sum(len(r) for r in self.runs) + len(self.tail)
 
     def scaled(self, scale: int) -> list:
-        """Copies of the records, in order, with every event times `scale` (what the distributed
-        rewrite starts from), made from the runs' rows without making their records first."""
+        """Copies of the records, in order, with every event times `scale` (the distributed
+        rewrite's records, read as a list), made from the runs' rows without making their
+        records first."""
         if self._flat is not None:
             return [_scaled(r, scale) for r in self._flat]
         out = []
