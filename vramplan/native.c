@@ -330,8 +330,9 @@ done:
    events (when not NULL), the bytes live before the first (`base`) and after each into lives
    (when not NULL), and the most of those into *peak. Events may be sparse or negative. Returns
    how many events; -1 when memory ran out, -2 when they span too wide a range. */
-int64_t vp_live_curve(int64_t n, const int64_t *nbytes, const int64_t *alloc_at, const int64_t *free_at,
-                      int64_t base, int64_t *events, int64_t *lives, int64_t *peak) {
+static int64_t live_sweep(int64_t n, const int64_t *nbytes, const int64_t *alloc_at, const int64_t *free_at,
+                          int64_t base, int64_t *events, int64_t *lives, int64_t *peak,
+                          int64_t n_cuts, const int64_t *cuts, int64_t *peaks) {
     int shift = 0;
     while (((int64_t)1 << shift) <= 2 * n + 1) shift++;
     int64_t lo, hi;
@@ -370,12 +371,31 @@ int64_t vp_live_curve(int64_t n, const int64_t *nbytes, const int64_t *alloc_at,
         m++;
         if (lives) lives[m] = live;
         if (live > best) best = live;
+        if (peaks) {
+            int64_t e = (int64_t)event + lo, section = 0;
+            while (section < n_cuts && e >= cuts[section]) section++;
+            if (live > peaks[section]) peaks[section] = live;
+        }
     }
     *peak = best;
 done:
     free(keys);
     free(tmp);
     return m;
+}
+
+int64_t vp_live_curve(int64_t n, const int64_t *nbytes, const int64_t *alloc_at, const int64_t *free_at,
+                      int64_t base, int64_t *events, int64_t *lives, int64_t *peak) {
+    return live_sweep(n, nbytes, alloc_at, free_at, base, events, lives, peak, 0, NULL, NULL);
+}
+
+/* distributed/floor.py: the most bytes live after any event of each section the n_cuts
+   ascending cuts make (section j: cuts[j-1] <= event < cuts[j]), from 0, into peaks[0..n_cuts]
+   (the caller zeroes them). Returns what vp_live_curve returns. */
+int64_t vp_live_peaks(int64_t n, const int64_t *nbytes, const int64_t *alloc_at, const int64_t *free_at,
+                      int64_t n_cuts, const int64_t *cuts, int64_t *peaks) {
+    int64_t peak;
+    return live_sweep(n, nbytes, alloc_at, free_at, 0, NULL, NULL, &peak, n_cuts, cuts, peaks);
 }
 
 /* timeline.compositions_at: for each of the k ascending target events, the bytes of the records
@@ -421,6 +441,22 @@ int64_t vp_keep(int64_t n, const unsigned char *dropped, int64_t *column) {
         if (!dropped[i]) column[k++] = column[i];
     }
     return k;
+}
+
+/* distributed/floor.py: nbytes[i] set to 0 where bit codes[i] of `drop_codes` is set, or where
+   codes[i] is `window_code` and alloc_at[i] lies in one of the k windows [lo[j], hi[j]). */
+void vp_zero_where(int64_t n, int64_t *nbytes, const int64_t *codes, const int64_t *alloc_at,
+                   int64_t drop_codes, int64_t window_code, int64_t k, const int64_t *lo, const int64_t *hi) {
+    for (int64_t i = 0; i < n; i++) {
+        int64_t c = codes[i];
+        if (c >= 0 && c < 63 && ((drop_codes >> c) & 1)) {
+            nbytes[i] = 0;
+        } else if (c == window_code) {
+            for (int64_t j = 0; j < k; j++) {
+                if (lo[j] <= alloc_at[i] && alloc_at[i] < hi[j]) { nbytes[i] = 0; break; }
+            }
+        }
+    }
 }
 
 /* record_log.Shifted: rows placed on a clock. out_alloc = alloc_at + offset; out_free = free_at +

@@ -96,6 +96,8 @@ def library():
                 lib.vp_replay_allocator.restype = ctypes.c_int
                 lib.vp_live_curve.argtypes = [ctypes.c_int64, p, p, p, ctypes.c_int64, p, p, p]
                 lib.vp_live_curve.restype = ctypes.c_int64
+                lib.vp_live_peaks.argtypes = [ctypes.c_int64, p, p, p, ctypes.c_int64, p, p]
+                lib.vp_live_peaks.restype = ctypes.c_int64
                 lib.vp_compositions.argtypes = [ctypes.c_int64, p, p, p, p, ctypes.c_int64, p, ctypes.c_int64,
                                                 p, p]
                 lib.vp_compositions.restype = None
@@ -105,6 +107,9 @@ def library():
                 lib.vp_scale.restype = None
                 lib.vp_keep.argtypes = [ctypes.c_int64, p, p]
                 lib.vp_keep.restype = ctypes.c_int64
+                lib.vp_zero_where.argtypes = [ctypes.c_int64, p, p, p, ctypes.c_int64, ctypes.c_int64,
+                                              ctypes.c_int64, p, p]
+                lib.vp_zero_where.restype = None
                 # native_replay.c (vramplan/estimate/native_replay.py)
                 lib.vp_graph_forward.argtypes = [p]
                 lib.vp_graph_forward.restype = p
@@ -266,6 +271,21 @@ def keep(dropped: bytes, columns: list) -> None:
         del column[k:]
 
 
+def zero_where(nbytes: array, codes: array, alloc_at: array, drop_codes: list, window_code: int,
+               windows: list) -> None:
+    """nbytes, in place, 0 where a record's code is in `drop_codes`, or is `window_code` and its
+    allocation lies in one of `windows` ([lo, hi) events)."""
+    n = len(nbytes)
+    if len(codes) != n or len(alloc_at) != n:
+        raise IndexError("zero_where: the columns differ in length")
+    if any(not 0 <= c < 63 for c in drop_codes):
+        raise ValueError("zero_where: codes are 0..62")
+    lo, hi = array("q", [w[0] for w in windows] or [0]), array("q", [w[1] for w in windows] or [0])
+    library().vp_zero_where(n, _address(nbytes), _address(codes), _address(alloc_at),
+                            sum(1 << c for c in set(drop_codes)), window_code, len(windows),
+                            _address(lo), _address(hi))
+
+
 def _address(column: array) -> int:
     return column.buffer_info()[0]
 
@@ -310,6 +330,17 @@ def live_curve(cols: Columns, base: int) -> tuple[list, list] | None:
     if m < 0:
         return None
     return events[:m].tolist(), lives[:m + 1].tolist()
+
+
+def live_peaks(cols: Columns, cuts: list) -> list | None:
+    """The most bytes live after any event of each section the ascending `cuts` make (section
+    j: cuts[j-1] <= event < cuts[j]; len(cuts) + 1 of them), from 0. None when the events span
+    too wide a range or memory ran out."""
+    bounds = array("q", cuts or [0])
+    peaks = array("q", bytes(8 * (len(cuts) + 1)))
+    m = library().vp_live_peaks(cols.n, _address(cols.nbytes), _address(cols.alloc_at), _address(cols.free_at),
+                                len(cuts), _address(bounds), _address(peaks))
+    return None if m < 0 else peaks.tolist()
 
 
 def compositions(cols: Columns, targets: list, default) -> list[dict]:

@@ -114,20 +114,17 @@ def fsdp_rewrite(rw: Rewriter, spec: TrainingSpec, units: dict[str, list[Unit]],
     offload = spec.offload is Offload.PARAMS
     mixed = compute_itemsize != param_itemsize
     index = UnitIndex([u for us in units.values() for u in us])
-    components = tuple(units)
-    layouts = {id(u): flat_layout(u, world, compute_itemsize, trainable.get(comp, set()))
-               for comp, us in units.items() for u in us}
+    layouts = fsdp_layouts(units, trainable, world, compute_itemsize)
     roots = {id(us[0]) for us in units.values()}
-
-    def in_wrapped(module: str) -> bool:
-        return module.split(".", 1)[0] in components
+    in_wrapped = wrapped_by(units)
 
     def category(unit: Unit) -> Category:
         return Category.TRAINABLE_WEIGHTS if unit.trainable_numel * 2 > unit.numel or \
             spec.method.trains_denoiser else Category.FROZEN_WEIGHTS
 
     # -- load: the wrapped components' tensors become one shard per unit ------------------------
-    load_weights = rw.drop(lambda r: r.phase == "load" and in_wrapped(r.module), WEIGHTS)
+    moved = moved_at_load(units)
+    load_weights = rw.drop(lambda r: r.phase == "load" and moved(r.module), WEIGHTS)
     load_at = min(load_weights, default=rw.after(0))
     shard_bytes = 0
     for comp, us in units.items():
@@ -143,8 +140,7 @@ def fsdp_rewrite(rw: Rewriter, spec: TrainingSpec, units: dict[str, list[Unit]],
     result = FsdpResult(layouts=list(layouts.values()), shard_bytes=shard_bytes, sharded_grad_bytes=0,
                         state_bytes=0, largest_unit_bytes=max(rounded(l.padded_numel * compute_itemsize)
                                                                for l in layouts.values()))
-    trained_units = [u for us in units.values() for u in us if layouts[id(u)].entries and
-                     any(t for *_, t in layouts[id(u)].entries)]
+    trained_units = _trained_units(units, layouts)
     pending: dict[str, list] = {}
     held: dict = {}
     for k, step in enumerate(rw.steps()):
@@ -168,6 +164,42 @@ def fsdp_rewrite(rw: Rewriter, spec: TrainingSpec, units: dict[str, list[Unit]],
         result.state_bytes = 0
         result.sharded_grad_bytes = 0
     return result
+
+
+def fsdp_layouts(units: dict, trainable: dict, world: int, compute_itemsize: int) -> dict:
+    """id(unit) -> its FlatLayout, every wrapped component's units."""
+    return {id(u): flat_layout(u, world, compute_itemsize, trainable.get(comp, set()))
+            for comp, us in units.items() for u in us}
+
+
+def _trained_units(units: dict, layouts: dict) -> list:
+    return [u for us in units.values() for u in us if layouts[id(u)].entries and
+            any(t for *_, t in layouts[id(u)].entries)]
+
+
+def wrapped_by(units: dict):
+    """Is a record's module inside one of the wrapped components?"""
+    components = tuple(units)
+    return lambda module: module.split(".", 1)[0] in components
+
+
+def moved_at_load(units: dict):
+    """Which of the step's weights (by name: a load-phase record's module) become shards: every
+    wrapped component's."""
+    return wrapped_by(units)
+
+
+def fsdp_resident(spec: TrainingSpec, units: dict, trainable: dict, param_itemsize: int,
+                  compute_itemsize: int, world: int, rank: int = 0) -> tuple[int, int]:
+    """(bytes the rewrite adds at load and never frees: the shards; the optimizer states it adds
+    in the first step and never frees), as `fsdp_rewrite` lays them out: what fit's bound
+    (`vramplan.distributed.floor`) counts without rewriting. Both 0 with the CPU offload."""
+    if spec.offload is Offload.PARAMS:
+        return 0, 0
+    layouts = fsdp_layouts(units, trainable, world, compute_itemsize)
+    shards = sum(rounded(layout.shard_numel * param_itemsize) for layout in layouts.values())
+    states = _states(spec, layouts, _trained_units(units, layouts), param_itemsize, rank)[1]
+    return shards, sum(rounded(s.nbytes) for s in states if not s.on_host)
 
 
 def _unit_spans(modules: dict, index: UnitIndex, in_wrapped) -> dict[int, list[int]]:
@@ -306,12 +338,7 @@ def _optimizer(rw: Rewriter, spec, layouts, trained_units, param_itemsize, rank,
 
     A parameter with no element in this rank's shard gets no gradient view
     (`_use_sharded_grad_views` sets it to None), so neither an optimizer state nor a norm."""
-    slices = []
-    for u in trained_units:
-        for name, local, trainable in layouts[id(u)].local_slices(rank):
-            if trainable and local > 0:
-                slices.append((local,))
-    states = optimizer_state_tensors(spec.optimizer, slices, param_itemsize, spec.momentum)
+    slices, states = _states(spec, layouts, trained_units, param_itemsize, rank)
     state_bytes = sum(rounded(s.nbytes) for s in states if not s.on_host)
     rw.drop(None, (Category.OPTIMIZER_STATES,))
     for step in rw.steps():
@@ -322,6 +349,16 @@ def _optimizer(rw: Rewriter, spec, layouts, trained_units, param_itemsize, rank,
             continue                                   # the step runs on the CPU
         add_step(rw, spec, start, phase, states if not step.prefix else [], slices, param_itemsize)
     return state_bytes
+
+
+def _states(spec, layouts, trained_units, param_itemsize, rank) -> tuple[list, list]:
+    """(the local slices of the trained parameters, the optimizer's states over them)."""
+    slices = []
+    for u in trained_units:
+        for name, local, trainable in layouts[id(u)].local_slices(rank):
+            if trainable and local > 0:
+                slices.append((local,))
+    return slices, optimizer_state_tensors(spec.optimizer, slices, param_itemsize, spec.momentum)
 
 
 def add_step(rw: Rewriter, spec, start: int, phase: str, states: list, slices: list, itemsize: int) -> None:

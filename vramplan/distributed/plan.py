@@ -132,6 +132,16 @@ def _method_seen_as(method):
         step_module.get_method = original
 
 
+def step_seen_as(spec: TrainingSpec, units: dict | None):
+    """The context the strategy's single-GPU step is built in (`graph_spec(spec)`): FSDP with
+    adapters sees its method through `_UnitsTrainAsOne` over the units' widened names."""
+    if spec.strategy is Strategy.FSDP and spec.method.is_adapter:
+        widened = {comp: frozenset(name for u in us if u.trainable_numel for name, _ in u.params)
+                   for comp, us in units.items()}
+        return _method_seen_as(_UnitsTrainAsOne(get_method(spec.method), widened))
+    return contextlib.nullcontext()
+
+
 def _fsdp_units(spec: TrainingSpec, inventories: dict, trained: dict):
     """(component -> its wrap units, component -> trained names): kept for the candidates with
     the same trained tensors (read-only: a search asks for them once per FSDP candidate)."""
@@ -153,17 +163,11 @@ def _wrapped_units(inventories: dict, trained: dict):
 
 def per_gpu_records(spec: TrainingSpec, inventories: dict, rank: int = 0):
     """(records, phases, model_states, host, rules) of one rank under `spec.strategy`."""
-    method = get_method(spec.method)
     trained = trained_tensors(spec, inventories)       # kept for fit's candidates (read-only)
     units = trainable = None
     if spec.strategy is Strategy.FSDP:
         units, trainable = _fsdp_units(spec, inventories, trained)
-    if spec.strategy is Strategy.FSDP and spec.method.is_adapter:
-        widened = {comp: frozenset(name for u in us if u.trainable_numel for name, _ in u.params)
-                   for comp, us in units.items()}
-        with _method_seen_as(_UnitsTrainAsOne(method, widened)):
-            timeline = build_timeline(graph_spec(spec), inventories)
-    else:
+    with step_seen_as(spec, units):
         timeline = build_timeline(graph_spec(spec), inventories)
     rw = Rewriter(timeline.records, timeline.clock.phases, timeline.clock.now)
     components = tuple(trained)

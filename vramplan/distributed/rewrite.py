@@ -152,6 +152,11 @@ class Rewriter:
         self._after: dict[int, int] = {}
         self.prepared = None    # footprint_build.Prepared of the rewritten records, made by fit's lower bound
 
+    def base_columns(self) -> tuple | None:
+        """(nbytes, alloc_at, free_at, codes) of the step's records as found, events scaled:
+        read-only (`_Base.columns`)."""
+        return self._base.columns()
+
     # -- time ------------------------------------------------------------------------------------
     def before(self, event: int) -> int:
         """A fresh slot just before scaled event `event`; later calls come later."""

@@ -98,54 +98,110 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+@dataclass(frozen=True)
+class ZeroSizes:
+    """What the engine allocates for one rank, in elements and bytes: the rewrite adds these, and
+    `resident_bytes` / `state_bytes` are what fit's bound (`vramplan.distributed.floor`) counts of
+    them without rewriting."""
+
+    stage: int
+    offload_opt: bool
+    offload_params: bool
+    itemsize: int                   # the model's (16-bit, or fp32)
+    padded: int                     # stages 1-2: the flat 16-bit buffer's elements
+    partition: int                  # this rank's share of the trained parameters
+    frozen: tuple                   # stage 3: (name, numel) of the component's frozen parameters
+    world: int
+    bucket: int                     # one ipg bucket, bytes
+    bucket_count: int
+    states: tuple                   # optimizer_state_tensors of the fp32 partition
+
+    @property
+    def partition_bytes(self) -> int:
+        """Stage 3: the 16-bit partitions of every parameter of the component."""
+        return rounded(self.partition * self.itemsize) + sum(
+            rounded(-(-k // self.world) * self.itemsize) for _, k in self.frozen)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes the rewrite adds at load and never frees."""
+        if self.stage < 3:
+            flat = rounded(self.padded * self.itemsize)
+        else:
+            flat = (0 if self.offload_params else self.partition_bytes) + rounded(self.bucket) + (
+                0 if self.offload_opt else rounded(self.partition * self.itemsize))
+        return flat + (0 if self.offload_opt else rounded(self.partition * 4))
+
+    @property
+    def state_bytes(self) -> int:
+        """Optimizer states on the GPU, added in the first step and never freed."""
+        return 0 if self.offload_opt else sum(rounded(s.nbytes) for s in self.states if not s.on_host)
+
+
+def zero_sizes(spec: TrainingSpec, component: str, inventory: Inventory, trained: list, model_itemsize: int,
+               world: int, config: ZeroConfig = ZeroConfig()) -> ZeroSizes:
+    stage = {Strategy.ZERO1: 1, Strategy.ZERO2: 2, Strategy.ZERO3: 3}[spec.strategy]
+    trainable_numel = sum(t.numel for t in trained)
+    padded = round_up(trainable_numel, NCCL_START_ALIGNMENT_FACTOR * world)
+    if stage < 3:
+        partition, frozen = padded // world, ()
+    else:
+        partition = sum(-(-t.numel // world) for t in trained)
+        names = {t.name for t in trained}
+        frozen = tuple((n, numel(s)) for n, s in inventory.params if n not in names)
+    states = optimizer_state_tensors(spec.optimizer, [(partition,)], 4, spec.momentum)
+    return ZeroSizes(stage, spec.offload in (Offload.OPTIMIZER, Offload.PARAMS), spec.offload is Offload.PARAMS,
+                     model_itemsize, padded, partition, frozen, world, config.reduce_bucket_size * model_itemsize,
+                     2 if (config.overlap_comm(stage) and stage < 3) else 1, tuple(states))
+
+
+def moved_at_load(stage: int, component: str, trained_names: set):
+    """Which of the step's weights (by name: a load-phase record's module) the engine takes over
+    (into its flat buffer, or partitions): the trained parameters, or under stage 3 the whole
+    component."""
+    prefix = component + "."
+    if stage < 3:
+        return trained_names.__contains__
+    return lambda name: name.startswith(prefix)
+
+
 def zero_rewrite(rw: Rewriter, spec: TrainingSpec, component: str, inventory: Inventory,
                  trained: list, model_itemsize: int, world: int, config: ZeroConfig = ZeroConfig()) -> ZeroResult:
     """Rewrite the pure 16-bit (or fp32) single-GPU timeline into one rank's under ZeRO."""
-    stage = {Strategy.ZERO1: 1, Strategy.ZERO2: 2, Strategy.ZERO3: 3}[spec.strategy]
-    offload_opt = spec.offload in (Offload.OPTIMIZER, Offload.PARAMS)
-    offload_params = spec.offload is Offload.PARAMS
+    sizes = zero_sizes(spec, component, inventory, trained, model_itemsize, world, config)
+    stage, offload_opt, offload_params = sizes.stage, sizes.offload_opt, sizes.offload_params
+    padded, partition = sizes.padded, sizes.partition
     prefix = component + "."
-    trainable_numel = sum(t.numel for t in trained)
-    if stage < 3:
-        padded = round_up(trainable_numel, NCCL_START_ALIGNMENT_FACTOR * world)
-        partition = padded // world
-    else:
-        partition = sum(-(-t.numel // world) for t in trained)
-    result = ZeroResult(stage, trainable_numel, partition, 0, 0, 0, 0, 0)
+    result = ZeroResult(stage, sum(t.numel for t in trained), partition, 0, 0, 0, 0, 0)
     trained_names = {prefix + t.name for t in trained}
 
     # -- load ------------------------------------------------------------------------------------
+    moved = moved_at_load(stage, component, trained_names)
+    dropped = rw.drop(lambda r: r.phase == "load" and moved(r.module), WEIGHTS)
+    at = min(dropped, default=rw.after(0))
     if stage < 3:
-        dropped = rw.drop(lambda r: r.phase == "load" and r.module in trained_names, WEIGHTS)
-        at = min(dropped, default=rw.after(0))
         rw.add(padded * model_itemsize, rw.after(at), None, Category.TRAINABLE_WEIGHTS, "load",
                "zero_flat_params", component)
         result.param_bytes = rounded(padded * model_itemsize) + sum(
             r.nbytes for r in rw.of_categories(WEIGHTS) if r.phase == "load" and r.module.startswith(prefix))
     else:
-        dropped = rw.drop(lambda r: r.phase == "load" and r.module.startswith(prefix), WEIGHTS)
-        at = min(dropped, default=rw.after(0))
-        frozen = [(n, numel(s)) for n, s in inventory.params if prefix + n not in trained_names]
-        part_bytes = rounded(partition * model_itemsize) + sum(rounded(-(-k // world) * model_itemsize)
-                                                               for _, k in frozen)
         if not offload_params:
             slot = rw.after(at)
             rw.add(partition * model_itemsize, slot, None, Category.TRAINABLE_WEIGHTS, "load",
                    "zero3_partitions", component)
-            for name, k in frozen:
+            for name, k in sizes.frozen:
                 rw.add(-(-k // world) * model_itemsize, slot, None, Category.FROZEN_WEIGHTS, "load",
                        "zero3_partitions", prefix + name)
-            result.param_bytes = part_bytes
+            result.param_bytes = sizes.partition_bytes
         else:
-            result.host_pinned_bytes += part_bytes
+            result.host_pinned_bytes += sizes.partition_bytes
     master = partition * 4
     if offload_opt:
         result.host_pinned_bytes += rounded(master)
     else:
         rw.add(master, rw.after(at), None, Category.MASTER_WEIGHTS, "load", "zero_fp32_partition", component)
         result.master_bytes = rounded(master)
-    bucket_count = 2 if (config.overlap_comm(stage) and stage < 3) else 1
-    bucket = config.reduce_bucket_size * model_itemsize
+    bucket_count, bucket = sizes.bucket_count, sizes.bucket
     if stage == 3:
         # ipg bucket and the gradient partition buffer are allocated when the optimizer is built
         rw.add(bucket, rw.after(at), None, Category.GRADIENTS, "load", "zero_ipg_bucket", component)
@@ -158,7 +214,7 @@ def zero_rewrite(rw: Rewriter, spec: TrainingSpec, component: str, inventory: In
     result.bucket_bytes = bucket_count * rounded(bucket)
 
     # -- steps -----------------------------------------------------------------------------------
-    states = optimizer_state_tensors(spec.optimizer, [(partition,)], 4, spec.momentum)
+    states = list(sizes.states)
     result.state_bytes = sum(rounded(s.nbytes) for s in states if not s.on_host)
     if offload_opt:
         result.host_state_bytes = result.state_bytes

@@ -87,7 +87,7 @@ def build_timeline(spec: TrainingSpec, inventories: dict, *, hand_on: bool = Fal
     if key is not None and spec.is_distributed:
         # The strategy only rewrites this timeline (vramplan.distributed), from copies of its
         # records: fit's candidates that differ in strategy share one build.
-        shared_key = (key[0], tuple(kv for kv in key[1] if kv[0] not in STRATEGY_FIELDS)) + key[2:]
+        shared_key = _shared(key)
         known = _SHARED.get(shared_key)
         if known is None or not _same(known[0], pins):
             known = (pins, _build_timeline(spec, inventories, check))
@@ -411,7 +411,24 @@ STRATEGY_FIELDS = frozenset({"gpu", "num_gpus", "strategy", "fsdp_sharding", "of
 _SHARED = _Lru(12)         # an SDXL step is some 57 000 records (about 6 MB)
 
 
+_OF_SHARED = _Lru(64)      # small values made from a shared build (`kept_for_shared_timeline`)
+
+
+def _shared(key: tuple) -> tuple:
+    """A timeline's key less the strategy's fields: what its shared build is kept under."""
+    return (key[0], tuple(kv for kv in key[1] if kv[0] not in STRATEGY_FIELDS)) + key[2:]
+
+
+def kept_for_shared_timeline(spec: TrainingSpec, inventories: dict, make, *parts):
+    """`make()`, kept for the specs whose `build_timeline`s share one build (they differ only in
+    the strategy's fields) and `parts`: what that build and `parts` decide (fit's bound of a
+    strategy's device used, `vramplan.distributed.floor`). Read-only for callers."""
+    key = _replay_key(spec, inventories, get_method(spec.method), "timeline", every_field=True)
+    return _kept(_OF_SHARED, None if key is None else _shared(key) + parts, tuple(inventories.values()), make)
+
+
 def clear_reuse() -> None:
+    _OF_SHARED.items.clear()
     _WINDOWS.items.clear()
     _RESIZABLE.items.clear()
     _GRAPHS.items.clear()

@@ -313,6 +313,12 @@ def device_floor(spec: TrainingSpec, over: Callable[[int], bool] | None = None) 
     from vramplan.footprint_build import prepare
 
     if spec.is_distributed:
+        if over is not None:
+            from vramplan.distributed.floor import strategy_floor
+
+            bound = strategy_floor(spec, load_model_inventories(spec.model))
+            if over(bound):
+                return bound
         rw = _per_gpu_records(spec, keep=True)[0]
         records, phases, last_event = rw.records, rw.phases, None
     else:
