@@ -130,6 +130,8 @@ PARTS = [
     ("vramplan.distributed.plan", "zero_rewrite", "ZeRO rewrite"),
     ("vramplan.distributed.plan", "ddp_rewrite", "DDP rewrite"),
     ("vramplan.distributed.rewrite", "RewrittenRecords.columns", "rewritten records to C"),
+    ("vramplan.distributed.floor", "strategy_floor", "strategy bound (the rest of it)"),
+    ("vramplan.distributed.floor", "kept_peaks", "strategy bound: the step's peaks"),
 ]
 
 

@@ -25,7 +25,7 @@ from vramplan.errors import UsageError
 from vramplan.estimate.allocator import replay_allocator
 from vramplan.estimate.core import component_parameters
 from vramplan.estimate.result import Estimate
-from vramplan.estimate.step import build_timeline, kept_for_trained, trained_tensors
+from vramplan.estimate.step import build_timeline, kept_for_shared_timeline, kept_for_trained, trained_tensors
 from vramplan.footprint_build import add_workspaces, build_footprint
 from vramplan.methods import get_method
 from vramplan.models.inventory import load_model_inventories
@@ -214,7 +214,9 @@ def per_gpu_records(spec: TrainingSpec, inventories: dict, rank: int = 0):
             raise UsageError("DeepSpeed runs one model per accelerate run")
         comp = components[0]
         model_itemsize = 4 if spec.precision is Precision.FP32 else 2
-        zero = zero_rewrite(rw, spec, comp, inventories[comp], trained[comp], model_itemsize, world)
+        zero = zero_rewrite(rw, spec, comp, inventories[comp], trained[comp], model_itemsize, world,
+                            kept=lambda make, *parts: kept_for_shared_timeline(graph_spec(spec), inventories,
+                                                                               make, *parts))
         states = {"parameters": zero.param_bytes, "gradients": zero.grad_bytes,
                   "fp32_master_weights": zero.master_bytes, "optimizer_states": zero.state_bytes,
                   "ipg_buckets": zero.bucket_bytes}

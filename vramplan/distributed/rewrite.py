@@ -82,26 +82,25 @@ class _Base:
             self._columns = made
         return self._columns
 
-    def of_category(self, category) -> list[tuple[int, list[int]]]:
-        """(run, its records that may be of `category`, ascending) for the runs holding some: a
-        window's rows by their kept groups, its handles and list runs by their Record (the caller
-        checks each record's category itself). Made once per category."""
-        known = self._groups.get(category)
+    def of_category(self, category, k: int) -> list[int]:
+        """Run k's records that may be of `category`, ascending: a window's rows by their kept
+        groups, its handles and list runs by their Record (the caller checks each record's
+        category itself). Made once per run and category, for the runs a caller reads (a
+        window's temporaries are most of its rows)."""
+        known = self._groups.get((category, k))
         if known is not None:
             return known
-        out = self._groups[category] = []
-        for k, run in enumerate(self.runs):
-            if isinstance(run, list):
-                found = [j for j, r in enumerate(run) if r.category is category]
-            else:
-                handles = run.handles
-                found = run.rows.of_category(category)
-                if handles:
-                    found = sorted([j for j in found if j not in handles] +
-                                   [j for j, r in handles.items() if r.category is category])
-            if found:
-                out.append((k, found))
-        return out
+        run = self.runs[k]
+        if isinstance(run, list):
+            found = [j for j, r in enumerate(run) if r.category is category]
+        else:
+            handles = run.handles
+            found = run.rows.of_category(category)
+            if handles:
+                found = sorted([j for j in found if j not in handles] +
+                               [j for j, r in handles.items() if r.category is category])
+        self._groups[(category, k)] = found
+        return found
 
     def alloc_range(self, k: int) -> tuple[int, int]:
         """[first, last + 1) scaled allocation events of run k's records."""
@@ -205,18 +204,15 @@ class Rewriter:
         """(run, its records) of the records not dropped that may be of `categories`, allocated
         within `window` (scaled [first, end); None: any), in record order."""
         base, dropped = self._base, self._dropped
-        runs: dict[int, list] = {}
-        for category in categories:
-            for k, found in base.of_category(category):
-                runs.setdefault(k, []).append(found)
         lo, hi = window if window is not None else _UNBOUNDED
         out = []
-        for k in sorted(runs):
-            start = base.starts[k]
+        for k, start in enumerate(base.starts):
             first, end = base.alloc_range(k) if window is not None else _UNBOUNDED
             if end <= lo or first >= hi:
                 continue
-            found = runs[k]
+            found = [group for group in (base.of_category(category, k) for category in categories) if group]
+            if not found:
+                continue
             found = found[0] if len(found) == 1 else list(heapq.merge(*found))
             if lo <= first and end <= hi:          # the whole run is within the window
                 found = [j for j in found if not dropped[start + j]]
@@ -246,14 +242,11 @@ class Rewriter:
         out += [r for r in self._added if r.category in categories and lo <= r.alloc_at < hi]
         return out
 
-    def drop(self, predicate, categories: tuple, window: tuple[int, int] | None = None) -> list[int]:
-        """Take out the records of `categories` (allocated within `window`, [first, end) scaled
-        events, when given) that `predicate` holds for (None: all of them; the rest keep their
-        order); the dropped ones' allocation events, in order. `predicate` reads a record's
-        category, phase, module, op and saved, never its bytes or events: the window's rows are
-        shown to it through one `_Fields`, none made into a Record (a several-GPU fit drops some
-        10^4 of its 10^5 records per candidate)."""
-        base, owned, dropped = self._base, self._owned, []
+    def _matching(self, predicate, categories: tuple, window: tuple[int, int] | None):
+        """(run, its records of `categories` allocated within `window` that `predicate` holds
+        for, ascending, and a reader of a record's bytes) for each run holding some, not dropped.
+        `predicate` sees a window's rows through one `_Fields`, none made into a Record."""
+        base, owned = self._base, self._owned
         fields = _Fields()
         # a window's rows are grouped by their category codes, exact but for TEMPORARIES (a row
         # without a category counts there): with no predicate the others need no reading
@@ -276,9 +269,39 @@ class Rewriter:
                         r = fields
                     if r.category in categories and (predicate is None or predicate(r)):
                         taken.append(j)
-            if not taken:
+            if taken:
+                yield k, taken
+
+    def _added_matching(self, predicate, categories: tuple, window: tuple[int, int] | None):
+        lo, hi = window if window is not None else _UNBOUNDED
+        return [r for r in self._added
+                if r.category in categories and lo <= r.alloc_at < hi and (predicate is None or predicate(r))]
+
+    def nbytes_of(self, predicate, categories: tuple, window: tuple[int, int] | None = None) -> int:
+        """The bytes of the records `drop(predicate, categories, window)` would take out, read
+        without making them the rewrite's own."""
+        base, owned, total = self._base, self._owned, 0
+        for k, taken in self._matching(predicate, categories, window):
+            run, start = base.runs[k], base.starts[k]
+            if isinstance(run, list):
+                total += sum((owned.get(start + j) or run[j]).nbytes for j in taken)
                 continue
-            mask = self._dropped
+            rows, handles = run.rows.rows, run.handles
+            for j in taken:
+                r = owned.get(start + j) or handles.get(j)
+                total += rows[j][0] if r is None else r.nbytes
+        return total + sum(r.nbytes for r in self._added_matching(predicate, categories, window))
+
+    def drop(self, predicate, categories: tuple, window: tuple[int, int] | None = None) -> list[int]:
+        """Take out the records of `categories` (allocated within `window`, [first, end) scaled
+        events, when given) that `predicate` holds for (None: all of them; the rest keep their
+        order); the dropped ones' allocation events, in order. `predicate` reads a record's
+        category, phase, module, op and saved, never its bytes or events (a several-GPU fit
+        drops some 10^4 of its 10^5 records per candidate: `_matching` makes none of them)."""
+        base, dropped = self._base, []
+        mask = self._dropped
+        for k, taken in self._matching(predicate, categories, window):
+            start = base.starts[k]
             for j in taken:
                 mask[start + j] = 1
             columns = base.columns()
@@ -288,14 +311,11 @@ class Rewriter:
             else:
                 dropped += [base.alloc_at(k, j) for j in taken]
             self._dropped_in.setdefault(k, []).extend(taken)
-        lo, hi = window if window is not None else _UNBOUNDED
-        kept = []
-        for r in self._added:
-            if r.category in categories and lo <= r.alloc_at < hi and (predicate is None or predicate(r)):
-                dropped.append(r.alloc_at)
-            else:
-                kept.append(r)
-        self._added = kept
+        gone = self._added_matching(predicate, categories, window)
+        if gone:
+            dropped += [r.alloc_at for r in gone]
+            gone = {id(r) for r in gone}
+            self._added = [r for r in self._added if id(r) not in gone]
         self._version += 1
         return dropped
 

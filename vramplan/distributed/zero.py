@@ -165,9 +165,17 @@ def moved_at_load(stage: int, component: str, trained_names: set):
     return lambda name: name.startswith(prefix)
 
 
+def _made(make, *parts):
+    return make()
+
+
 def zero_rewrite(rw: Rewriter, spec: TrainingSpec, component: str, inventory: Inventory,
-                 trained: list, model_itemsize: int, world: int, config: ZeroConfig = ZeroConfig()) -> ZeroResult:
-    """Rewrite the pure 16-bit (or fp32) single-GPU timeline into one rank's under ZeRO."""
+                 trained: list, model_itemsize: int, world: int, config: ZeroConfig = ZeroConfig(),
+                 kept=_made) -> ZeroResult:
+    """Rewrite the pure 16-bit (or fp32) single-GPU timeline into one rank's under ZeRO.
+
+    `kept(make, *parts)`: `make()`, or what it made for the same step records and `parts` (ZeRO-3's
+    fetch trace, which only the step's records and the trained tensors decide)."""
     sizes = zero_sizes(spec, component, inventory, trained, model_itemsize, world, config)
     stage, offload_opt, offload_params = sizes.stage, sizes.offload_opt, sizes.offload_params
     padded, partition = sizes.padded, sizes.partition
@@ -182,8 +190,8 @@ def zero_rewrite(rw: Rewriter, spec: TrainingSpec, component: str, inventory: In
     if stage < 3:
         rw.add(padded * model_itemsize, rw.after(at), None, Category.TRAINABLE_WEIGHTS, "load",
                "zero_flat_params", component)
-        result.param_bytes = rounded(padded * model_itemsize) + sum(
-            r.nbytes for r in rw.of_categories(WEIGHTS) if r.phase == "load" and r.module.startswith(prefix))
+        result.param_bytes = rounded(padded * model_itemsize) + rw.nbytes_of(
+            lambda r: r.phase == "load" and r.module.startswith(prefix), WEIGHTS)
     else:
         if not offload_params:
             slot = rw.after(at)
@@ -244,8 +252,9 @@ def zero_rewrite(rw: Rewriter, spec: TrainingSpec, component: str, inventory: In
                 result.grad_bytes = sum(r.nbytes for r in grads)
         rw.drop(lambda r: r.op == "" and r.module == "", (Category.TEMPORARIES,), (opt_start, opt_end))
         if stage == 3:
-            _stage3_working_set(rw, step, k, component, inventory, trained, model_itemsize, world, config,
-                                result, persisted)
+            trace = kept(lambda: _stage3_trace(rw, step, component, inventory, trained, config), "zero3 trace",
+                         k, component, config)
+            _stage3_working_set(rw, step, k, trace, model_itemsize, config, result, persisted)
         if offload_opt:
             continue
         phase = step.prefix + "optimizer"
@@ -268,20 +277,29 @@ def _fetch_units(inventory: Inventory, trained: list, component: str) -> dict[st
     return units
 
 
-def _stage3_working_set(rw: Rewriter, step, k: int, component: str, inventory: Inventory, trained: list,
-                        itemsize: int, world: int, config: ZeroConfig, result: ZeroResult,
-                        persisted: set) -> None:
-    """Gathered parameters per submodule, with DeepSpeed's persistence, reuse and prefetch rules.
+@dataclass(frozen=True)
+class _Trace:
+    """One step's submodule fetches, in order (forward, then backward), as `_stage3_working_set`
+    reads them: what the step's records and the model decide, the same for every ZeRO-3
+    candidate of one shared step (kept with it, `zero_rewrite`'s `kept`)."""
 
-    `persisted`: submodules whose persistent parameters are already gathered (kept across steps)."""
+    paths: tuple                    # the submodule each entry fetches for
+    forward: tuple                  # entry is in the forward
+    spans: tuple                    # (first, last) scaled event of the entry's records
+    reach: tuple                    # reach[j]: the elements fetched by entries before j
+    nearest: tuple                  # the next entry fetching the same submodule (None: none)
+    fetching: tuple                 # the entries whose submodule has large parameters
+    small: dict                     # submodule -> elements of its persistent parameters
+    large: dict                     # submodule -> elements of the others
+    trained_paths: frozenset
+
+
+def _stage3_trace(rw: Rewriter, step, component: str, inventory: Inventory, trained: list,
+                  config: ZeroConfig) -> _Trace:
     units = _fetch_units(inventory, trained, component)
     threshold = config.param_persistence_threshold
     small = {p: sum(n for n in ns if n <= threshold) for p, ns in units.items()}
     large = {p: sum(n for n in ns if n > threshold) for p, ns in units.items()}
-    trained_paths = {f"{component}.{t.name.rsplit('.', 1)[0]}" for t in trained}
-    if k == 0:
-        result.persistent_bytes = sum(rounded(n * itemsize) for n in small.values() if n)
-
     unit_of: dict[str, str] = {}   # record module -> the submodule that fetches for it ("" none)
 
     def spans(window):
@@ -304,42 +322,55 @@ def _stage3_working_set(rw: Rewriter, step, k: int, component: str, inventory: I
         return found
 
     fwd, bwd = spans(step.forward), spans(step.backward)
-    trace = [(p, "f", fwd[p]) for p in sorted(fwd, key=lambda p: fwd[p][0])] + \
-            [(p, "b", bwd[p]) for p in sorted(bwd, key=lambda p: bwd[p][0])]
-    complete = k > 0              # the trace is recorded during the first step
-    live: dict[str, object] = {}
-    live_large = [0]              # sum(large[p] for p in live), kept as `live` changes
-    phase = {"f": step.prefix + "forward", "b": step.prefix + "backward"}
-
-    def category(path: str) -> Category:
-        return Category.TRAINABLE_WEIGHTS if path in trained_paths else Category.FROZEN_WEIGHTS
-
-    def gather(path: str, at: int, ph: str) -> None:
-        if path not in persisted and small[path]:
-            rw.add(small[path] * itemsize, at, None, category(path), ph, "zero3_persistent", path)
-            persisted.add(path)
-        if path not in live and large[path]:
-            live[path] = rw.add(large[path] * itemsize, at, None, category(path), ph, "zero3_gathered", path)
-            live_large[0] += large[path]
-            waiting.gathered(path)
-
-    # reach[j]: the elements fetched by trace[:j]; nearest[i]: the next index fetching trace[i]'s
-    # submodule (None: none)
-    reach = list(itertools.accumulate((sum(units[p]) for p, _, _ in trace), initial=0))
+    trace = [(p, True, tuple(fwd[p])) for p in sorted(fwd, key=lambda p: fwd[p][0])] + \
+            [(p, False, tuple(bwd[p])) for p in sorted(bwd, key=lambda p: bwd[p][0])]
+    paths = tuple(p for p, _, _ in trace)
     nearest: list = [None] * len(trace)
     seen: dict[str, int] = {}
     for i in range(len(trace) - 1, -1, -1):
-        nearest[i] = seen.get(trace[i][0])
-        seen[trace[i][0]] = i
-    paths = [p for p, _, _ in trace]
-    waiting = Waiting(paths, [j for j, p in enumerate(paths) if large[p]])
-    for i, (path, kind, (first, last)) in enumerate(trace):
+        nearest[i] = seen.get(paths[i])
+        seen[paths[i]] = i
+    return _Trace(paths, tuple(f for _, f, _ in trace), tuple(s for _, _, s in trace),
+                  tuple(itertools.accumulate((sum(units[p]) for p in paths), initial=0)), tuple(nearest),
+                  tuple(j for j, p in enumerate(paths) if large[p]), small, large,
+                  frozenset(f"{component}.{t.name.rsplit('.', 1)[0]}" for t in trained))
+
+
+def _stage3_working_set(rw: Rewriter, step, k: int, trace: _Trace, itemsize: int, config: ZeroConfig,
+                        result: ZeroResult, persisted: set) -> None:
+    """Gathered parameters per submodule, with DeepSpeed's persistence, reuse and prefetch rules.
+
+    `persisted`: submodules whose persistent parameters are already gathered (kept across steps)."""
+    small, large, trained_paths, paths = trace.small, trace.large, trace.trained_paths, trace.paths
+    if k == 0:
+        result.persistent_bytes = sum(rounded(n * itemsize) for n in small.values() if n)
+    complete = k > 0              # the trace is recorded during the first step
+    live: dict[str, object] = {}
+    live_large = [0]              # sum(large[p] for p in live), kept as `live` changes
+    phase = {True: step.prefix + "forward", False: step.prefix + "backward"}
+    trainable, frozen = Category.TRAINABLE_WEIGHTS, Category.FROZEN_WEIGHTS
+
+    def gather(path: str, at: int, ph: str) -> None:
+        if path not in persisted and small[path]:
+            rw.add(small[path] * itemsize, at, None, trainable if path in trained_paths else frozen, ph,
+                   "zero3_persistent", path)
+            persisted.add(path)
+        if path not in live and large[path]:
+            live[path] = rw.add(large[path] * itemsize, at, None, trainable if path in trained_paths else frozen,
+                                ph, "zero3_gathered", path)
+            live_large[0] += large[path]
+            waiting.gathered(path)
+
+    reach, nearest = trace.reach, trace.nearest
+    waiting = Waiting(paths, trace.fetching)
+    prefetch = complete and config.prefetch_bucket_size > 0
+    for i, (path, forward, (first, last)) in enumerate(zip(paths, trace.forward, trace.spans)):
         at = rw.before(first)
-        gather(path, at, phase[kind])
-        if complete and config.prefetch_bucket_size > 0:
+        gather(path, at, phase[forward])
+        if prefetch:
             budget = min(config.prefetch_bucket_size, config.max_live_parameters - live_large[0])
             for nxt in prefetched(paths, waiting.positions, i, large, budget):
-                gather(nxt, at, phase[kind])
+                gather(nxt, at, phase[forward])
         if path not in live:
             continue
         # kept when the next fetch of the same submodule comes before `max_reuse_distance`
