@@ -443,6 +443,16 @@ int64_t vp_keep(int64_t n, const unsigned char *dropped, int64_t *column) {
     return k;
 }
 
+/* record_log.Rows.of_category: the indices i with codes[i] == code, ascending, into out; returns
+   how many. */
+int64_t vp_indices_of(int64_t n, const int64_t *codes, int64_t code, int64_t *out) {
+    int64_t k = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (codes[i] == code) out[k++] = i;
+    }
+    return k;
+}
+
 /* distributed/floor.py: nbytes[i] set to 0 where bit codes[i] of `drop_codes` is set, or where
    codes[i] is `window_code` and alloc_at[i] lies in one of the k windows [lo[j], hi[j]). */
 void vp_zero_where(int64_t n, int64_t *nbytes, const int64_t *codes, const int64_t *alloc_at,

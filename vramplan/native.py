@@ -110,6 +110,8 @@ def library():
                 lib.vp_zero_where.argtypes = [ctypes.c_int64, p, p, p, ctypes.c_int64, ctypes.c_int64,
                                               ctypes.c_int64, p, p]
                 lib.vp_zero_where.restype = None
+                lib.vp_indices_of.argtypes = [ctypes.c_int64, p, ctypes.c_int64, p]
+                lib.vp_indices_of.restype = ctypes.c_int64
                 # native_replay.c (vramplan/estimate/native_replay.py)
                 lib.vp_graph_forward.argtypes = [p]
                 lib.vp_graph_forward.restype = p
@@ -269,6 +271,13 @@ def keep(dropped: bytes, columns: list) -> None:
             raise IndexError("keep: a column and the mask differ in length")
         k = library().vp_keep(len(dropped), _address(mask), _address(column))
         del column[k:]
+
+
+def indices_of(codes: array, code: int) -> list[int]:
+    """The positions of `code` in `codes`, ascending."""
+    out = array("q", bytes(8 * len(codes)))
+    k = library().vp_indices_of(len(codes), _address(codes), code, _address(out))
+    return out[:k].tolist()
 
 
 def zero_where(nbytes: array, codes: array, alloc_at: array, drop_codes: list, window_code: int,

@@ -11,6 +11,7 @@ import vramplan.distributed.plan as plan
 from vramplan import native
 from vramplan.distributed.plan import per_gpu_records
 from vramplan.distributed.rewrite import SCALE, Rewriter, RewrittenRecords
+import vramplan.estimate.step as step
 from vramplan.estimate.step import clear_reuse
 from vramplan.footprint import Category
 from vramplan.footprint_build import MATMULS, first_alloc
@@ -42,7 +43,12 @@ class ListRewriter(Rewriter):
         lo, hi = window or (-(1 << 62), 1 << 62)
         return [r for r in self.list if r.category in categories and lo <= r.alloc_at < hi]
 
-    def drop(self, predicate, categories, window=None):
+    def nbytes_of(self, predicate, categories, window=None, key=None):
+        lo, hi = window or (-(1 << 62), 1 << 62)
+        return sum(r.nbytes for r in self.list
+                   if r.category in categories and lo <= r.alloc_at < hi and (predicate is None or predicate(r)))
+
+    def drop(self, predicate, categories, window=None, key=None):
         lo, hi = window or (-(1 << 62), 1 << 62)
         kept, dropped = [], []
         for r in self.list:
@@ -90,10 +96,11 @@ SPECS = [
 def test_a_rewrite_in_place_makes_what_the_list_rewrite_makes(options, monkeypatch):
     spec = build_spec({"model": "sd15", "gpus": "2xrtx4090", **options})
     inventories = load_model_inventories(spec.model)
-    fast = per_gpu_records(spec, inventories)[0]
+    fast, fast_states, *_ = per_gpu_records(spec, inventories)
     monkeypatch.setattr(plan, "Rewriter", ListRewriter)
     clear_reuse()         # what the rewrite keeps (ZeRO-3's fetch trace) made again, by the list rewrite
-    slow = per_gpu_records(spec, inventories)[0]
+    slow, slow_states, *_ = per_gpu_records(spec, inventories)
+    assert fast_states == slow_states
     assert isinstance(fast.records, RewrittenRecords)
     assert rows(fast.records) == rows(slow.records)
     assert len(fast.records) == len(slow.records)
@@ -178,3 +185,34 @@ def test_scale_and_keep_on_columns():
     assert list(column) == [0, 3, 4]
     with pytest.raises(IndexError):
         native.keep(bytes(3), [array("q", range(4))])
+
+
+SEQUENCE = [
+    {"method": "lora", "strategy": "zero3"},
+    {"method": "lora", "strategy": "zero1"},
+    {"method": "lora", "strategy": "zero2", "offload": "optimizer"},
+    {"method": "lora", "strategy": "fsdp"},
+    {"method": "lora", "strategy": "zero3", "offload": "params"},
+    {"method": "lora", "strategy": "ddp"},
+    {"method": "lora", "strategy": "zero2", "rank": 8},
+    {"method": "full", "strategy": "zero3"},
+    {"method": "full", "strategy": "zero1"},
+    {"method": "full", "strategy": "fsdp", "precision": "bf16"},
+    {"method": "full", "strategy": "fsdp", "precision": "bf16", "offload": "params"},
+]
+
+
+def test_what_rewrites_keep_for_a_shared_step_serves_only_their_own(monkeypatch):
+    """Strategies rewriting one shared step one after another (as a search does) keep what they
+    read of it (`Rows.matching` by predicate key, ZeRO-3's fetch trace): each gets what a
+    rewrite from nothing kept gets."""
+    specs = [build_spec({"model": "sd15", "gpus": "2xrtx4090", **options}) for options in SEQUENCE]
+    inventories = load_model_inventories(specs[0].model)
+    clear_reuse()
+    one_after_another = [(rows(rw.records), states) for rw, states, *_ in
+                         (per_gpu_records(spec, inventories) for spec in specs)]
+    monkeypatch.setattr(step, "REUSE", False)      # nothing kept: every build and rewrite from nothing
+    for spec, made in zip(specs, one_after_another):
+        clear_reuse()
+        rw, states, *_ = per_gpu_records(spec, inventories)
+        assert (rows(rw.records), states) == made, spec.strategy

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vramplan.distributed.rewrite import Rewriter, StepWindows, WEIGHTS, rounded
+from vramplan.distributed.rewrite import Rewriter, StepWindows, WEIGHTS, optimizer_temporary, rounded
 from vramplan.distributed.units import Unit, UnitIndex
 from vramplan.estimate.optimizer import optimizer_state_tensors
 from vramplan.estimate.optimizer_step import clip_scalars, step_transients
@@ -124,7 +124,8 @@ def fsdp_rewrite(rw: Rewriter, spec: TrainingSpec, units: dict[str, list[Unit]],
 
     # -- load: the wrapped components' tensors become one shard per unit ------------------------
     moved = moved_at_load(units)
-    load_weights = rw.drop(lambda r: r.phase == "load" and moved(r.module), WEIGHTS)
+    load_weights = rw.drop(lambda r: r.phase == "load" and moved(r.module), WEIGHTS,
+                           key=("fsdp: moved at load", tuple(units)))
     load_at = min(load_weights, default=rw.after(0))
     shard_bytes = 0
     for comp, us in units.items():
@@ -135,7 +136,7 @@ def fsdp_rewrite(rw: Rewriter, spec: TrainingSpec, units: dict[str, list[Unit]],
             shard_bytes += rounded(nbytes)
     if mixed:
         # parameters are already 16-bit views of the unsharded flat parameter: autocast keeps none
-        rw.drop(lambda r: in_wrapped(r.module), (Category.AUTOCAST_CACHE,))
+        rw.drop(lambda r: in_wrapped(r.module), (Category.AUTOCAST_CACHE,), key=("fsdp: wrapped", tuple(units)))
 
     result = FsdpResult(layouts=list(layouts.values()), shard_bytes=shard_bytes, sharded_grad_bytes=0,
                         state_bytes=0, largest_unit_bytes=max(rounded(l.padded_numel * compute_itemsize)
@@ -344,7 +345,7 @@ def _optimizer(rw: Rewriter, spec, layouts, trained_units, param_itemsize, rank,
     for step in rw.steps():
         start, end = step.optimizer
         phase = step.prefix + "optimizer"
-        rw.drop(lambda r: r.op == "" and r.module == "", (Category.TEMPORARIES,), (start, end))
+        rw.drop(optimizer_temporary, (Category.TEMPORARIES,), (start, end), key=optimizer_temporary)
         if offload:
             continue                                   # the step runs on the CPU
         add_step(rw, spec, start, phase, states if not step.prefix else [], slices, param_itemsize)

@@ -34,6 +34,13 @@ WEIGHTS = (Category.TRAINABLE_WEIGHTS, Category.FROZEN_WEIGHTS)
 _UNBOUNDED = (-(1 << 62), 1 << 62)
 
 
+def optimizer_temporary(r) -> bool:
+    """A temporary of the optimizer step itself (the step's optimizer rows name no op, no module):
+    what the strategies replace with their own step. A module-level function, so that it keys
+    itself (`Rewriter.drop`'s `key`)."""
+    return r.op == "" and r.module == ""
+
+
 def rounded(nbytes: int) -> int:
     """What the CUDA caching allocator hands out for a request (512-byte blocks)."""
     return round_size(nbytes) if nbytes > 0 else 0
@@ -242,10 +249,11 @@ class Rewriter:
         out += [r for r in self._added if r.category in categories and lo <= r.alloc_at < hi]
         return out
 
-    def _matching(self, predicate, categories: tuple, window: tuple[int, int] | None):
+    def _matching(self, predicate, categories: tuple, window: tuple[int, int] | None, key=None):
         """(run, its records of `categories` allocated within `window` that `predicate` holds
-        for, ascending, and a reader of a record's bytes) for each run holding some, not dropped.
-        `predicate` sees a window's rows through one `_Fields`, none made into a Record."""
+        for, ascending) for each run holding some, not dropped. `predicate` sees a window's rows
+        through one `_Fields`, none made into a Record; with a `key` that names it, what it
+        found in a window's rows is kept with them (`Rows.matching`)."""
         base, owned = self._base, self._owned
         fields = _Fields()
         # a window's rows are grouped by their category codes, exact but for TEMPORARIES (a row
@@ -258,6 +266,16 @@ class Rewriter:
             if unread and not listed:
                 fields.category = categories[0]        # a row's: one of its group's
                 taken = [j for j in found if (owned.get(start + j) or handles.get(j) or fields).category in categories]
+            elif key is not None and not listed:
+                matches = run.rows.matching(key, run.prefix, categories, predicate, fields)
+                taken = []
+                for j in found:
+                    r = owned.get(start + j) or handles.get(j)
+                    if r is None:
+                        if j in matches:
+                            taken.append(j)
+                    elif r.category in categories and predicate(r):
+                        taken.append(j)
             else:
                 # the rows as tuples, made once per window and kept with it (its other readers too)
                 rows, prefix, taken = None if listed else run.rows.rows, None if listed else run.prefix, []
@@ -277,11 +295,11 @@ class Rewriter:
         return [r for r in self._added
                 if r.category in categories and lo <= r.alloc_at < hi and (predicate is None or predicate(r))]
 
-    def nbytes_of(self, predicate, categories: tuple, window: tuple[int, int] | None = None) -> int:
-        """The bytes of the records `drop(predicate, categories, window)` would take out, read
-        without making them the rewrite's own."""
+    def nbytes_of(self, predicate, categories: tuple, window: tuple[int, int] | None = None, key=None) -> int:
+        """The bytes of the records `drop(predicate, categories, window, key)` would take out,
+        read without making them the rewrite's own."""
         base, owned, total = self._base, self._owned, 0
-        for k, taken in self._matching(predicate, categories, window):
+        for k, taken in self._matching(predicate, categories, window, key):
             run, start = base.runs[k], base.starts[k]
             if isinstance(run, list):
                 total += sum((owned.get(start + j) or run[j]).nbytes for j in taken)
@@ -292,15 +310,17 @@ class Rewriter:
                 total += rows[j][0] if r is None else r.nbytes
         return total + sum(r.nbytes for r in self._added_matching(predicate, categories, window))
 
-    def drop(self, predicate, categories: tuple, window: tuple[int, int] | None = None) -> list[int]:
+    def drop(self, predicate, categories: tuple, window: tuple[int, int] | None = None, key=None) -> list[int]:
         """Take out the records of `categories` (allocated within `window`, [first, end) scaled
         events, when given) that `predicate` holds for (None: all of them; the rest keep their
         order); the dropped ones' allocation events, in order. `predicate` reads a record's
         category, phase, module, op and saved, never its bytes or events (a several-GPU fit
-        drops some 10^4 of its 10^5 records per candidate: `_matching` makes none of them)."""
+        drops some 10^4 of its 10^5 records per candidate: `_matching` makes none of them).
+        `key`: a hashable name of the predicate, the same only for the same predicate (what it
+        holds for in a window's rows is then kept with them)."""
         base, dropped = self._base, []
         mask = self._dropped
-        for k, taken in self._matching(predicate, categories, window):
+        for k, taken in self._matching(predicate, categories, window, key):
             start = base.starts[k]
             for j in taken:
                 mask[start + j] = 1

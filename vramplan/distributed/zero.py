@@ -51,7 +51,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from vramplan.distributed.fsdp import add_step
-from vramplan.distributed.rewrite import Rewriter, WEIGHTS, rounded
+from vramplan.distributed.rewrite import Rewriter, WEIGHTS, optimizer_temporary, rounded
 from vramplan.estimate.optimizer import optimizer_state_tensors
 from vramplan.footprint import Category
 from vramplan.models.inventory import Inventory, numel
@@ -185,13 +185,14 @@ def zero_rewrite(rw: Rewriter, spec: TrainingSpec, component: str, inventory: In
 
     # -- load ------------------------------------------------------------------------------------
     moved = moved_at_load(stage, component, trained_names)
-    dropped = rw.drop(lambda r: r.phase == "load" and moved(r.module), WEIGHTS)
+    dropped = rw.drop(lambda r: r.phase == "load" and moved(r.module), WEIGHTS,
+                      key=("zero: moved at load", component, frozenset(trained_names) if stage < 3 else None))
     at = min(dropped, default=rw.after(0))
     if stage < 3:
         rw.add(padded * model_itemsize, rw.after(at), None, Category.TRAINABLE_WEIGHTS, "load",
                "zero_flat_params", component)
         result.param_bytes = rounded(padded * model_itemsize) + rw.nbytes_of(
-            lambda r: r.phase == "load" and r.module.startswith(prefix), WEIGHTS)
+            lambda r: r.phase == "load" and r.module.startswith(prefix), WEIGHTS, key=("zero: loaded", prefix))
     else:
         if not offload_params:
             slot = rw.after(at)
@@ -250,7 +251,7 @@ def zero_rewrite(rw: Rewriter, spec: TrainingSpec, component: str, inventory: In
                 result.grad_bytes = rounded(partition * model_itemsize)
             elif stage == 1:
                 result.grad_bytes = sum(r.nbytes for r in grads)
-        rw.drop(lambda r: r.op == "" and r.module == "", (Category.TEMPORARIES,), (opt_start, opt_end))
+        rw.drop(optimizer_temporary, (Category.TEMPORARIES,), (opt_start, opt_end), key=optimizer_temporary)
         if stage == 3:
             trace = kept(lambda: _stage3_trace(rw, step, component, inventory, trained, config), "zero3 trace",
                          k, component, config)
@@ -294,31 +295,64 @@ class _Trace:
     trained_paths: frozenset
 
 
+@dataclass(frozen=True)
+class _Fetching:
+    """What fetches for a record's module under ZeRO-3, made once per model and trained tensors:
+    the submodules with parameters (`_fetch_units`), their persistent and other elements, and the
+    module -> submodule map, filled as traces read modules."""
+
+    units: dict
+    small: dict
+    large: dict
+    trained_paths: frozenset
+    unit_of: dict                   # record module -> the submodule that fetches for it ("" none)
+
+    def unit(self, module: str) -> str:
+        mod = self.unit_of.get(module)
+        if mod is None:
+            mod, units = module, self.units
+            while mod and mod not in units:
+                mod = mod.rpartition(".")[0]
+            self.unit_of[module] = mod
+        return mod
+
+
+_FETCHING: list = []     # [(inventory, trained, component, threshold, _Fetching)], the last few
+
+
+def _fetching(inventory: Inventory, trained: list, component: str, threshold: int) -> _Fetching:
+    """`_Fetching` for these objects (by identity: a search asks with the same ones)."""
+    for inv, tr, comp, th, made in _FETCHING:
+        if inv is inventory and tr is trained and comp == component and th == threshold:
+            return made
+    units = _fetch_units(inventory, trained, component)
+    made = _Fetching(units, {p: sum(n for n in ns if n <= threshold) for p, ns in units.items()},
+                     {p: sum(n for n in ns if n > threshold) for p, ns in units.items()},
+                     frozenset(f"{component}.{t.name.rsplit('.', 1)[0]}" for t in trained), {})
+    _FETCHING.insert(0, (inventory, trained, component, threshold, made))
+    del _FETCHING[4:]
+    return made
+
+
 def _stage3_trace(rw: Rewriter, step, component: str, inventory: Inventory, trained: list,
                   config: ZeroConfig) -> _Trace:
-    units = _fetch_units(inventory, trained, component)
-    threshold = config.param_persistence_threshold
-    small = {p: sum(n for n in ns if n <= threshold) for p, ns in units.items()}
-    large = {p: sum(n for n in ns if n > threshold) for p, ns in units.items()}
-    unit_of: dict[str, str] = {}   # record module -> the submodule that fetches for it ("" none)
+    fetching = _fetching(inventory, trained, component, config.param_persistence_threshold)
+    units, large, unit = fetching.units, fetching.large, fetching.unit
 
     def spans(window):
         found: dict[str, list[int]] = {}
         for module, (first, last) in rw.module_spans(window).items():
-            mod = unit_of.get(module)
-            if mod is None:
-                mod = module
-                while mod and mod not in units:
-                    mod = mod.rpartition(".")[0]
-                unit_of[module] = mod
+            mod = unit(module)
             if not mod:
                 continue
             span = found.get(mod)
             if span is None:
                 found[mod] = [first, last]
             else:
-                span[0] = min(span[0], first)
-                span[1] = max(span[1], last)
+                if first < span[0]:
+                    span[0] = first
+                if last > span[1]:
+                    span[1] = last
         return found
 
     fwd, bwd = spans(step.forward), spans(step.backward)
@@ -332,8 +366,7 @@ def _stage3_trace(rw: Rewriter, step, component: str, inventory: Inventory, trai
         seen[paths[i]] = i
     return _Trace(paths, tuple(f for _, f, _ in trace), tuple(s for _, _, s in trace),
                   tuple(itertools.accumulate((sum(units[p]) for p in paths), initial=0)), tuple(nearest),
-                  tuple(j for j, p in enumerate(paths) if large[p]), small, large,
-                  frozenset(f"{component}.{t.name.rsplit('.', 1)[0]}" for t in trained))
+                  tuple(j for j, p in enumerate(paths) if large[p]), fetching.small, large, fetching.trained_paths)
 
 
 def _stage3_working_set(rw: Rewriter, step, k: int, trace: _Trace, itemsize: int, config: ZeroConfig,

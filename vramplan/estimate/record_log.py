@@ -29,7 +29,7 @@ class Rows:
     """Records relative to an event, as tuples (nbytes, alloc_at, free_at or None, category,
     phase, module, op, saved) in record order, with their columns made on first use."""
 
-    __slots__ = ("_rows", "n", "_columns", "_ops", "op_names", "_groups", "_spans", "_bounds")
+    __slots__ = ("_rows", "n", "_columns", "_ops", "op_names", "_groups", "_spans", "_bounds", "_matches")
 
     def __init__(self, rows: tuple, op_names: frozenset | None = None):
         self._rows = rows
@@ -40,6 +40,7 @@ class Rows:
         self._groups = None
         self._spans: dict = {}
         self._bounds = None
+        self._matches: dict = {}
 
     @property
     def rows(self) -> tuple:
@@ -82,8 +83,18 @@ class Rows:
         """The rows of `category`, ascending. Kept: the distributed rewrite asks for a few
         categories of the same windows' rows for every candidate of a several-GPU fit."""
         if self._groups is None:
+            self._groups = {}
+        known = self._groups.get(category)
+        if known is not None:
+            return known
+        columns = self.columns()
+        if columns is not None and native.library() is not None:
+            # one category's rows found in C: a window's rows are mostly temporaries and
+            # activations, which the rewrite seldom asks for
+            code = _CODE.get(category) if isinstance(category, Category) else None
+            found = [] if code is None else native.indices_of(columns[3], code)
+        else:
             groups: dict = {}
-            columns = self.columns()
             if columns is not None:
                 for i, code in enumerate(columns[3]):
                     groups.setdefault(_KINDS[code], []).append(i)
@@ -91,7 +102,26 @@ class Rows:
                 for i, r in enumerate(self.rows):
                     groups.setdefault(r[3], []).append(i)
             self._groups = groups
-        return self._groups.get(category, [])
+            found = groups.get(category, [])
+        self._groups[category] = found
+        return found
+
+    def matching(self, key, prefix: str, categories: tuple, predicate, fields) -> frozenset:
+        """The rows of `categories` that `predicate` holds for, read through `fields` (an object
+        with category, phase -- `prefix` in front --, module, op and saved), kept under `key`,
+        which names the predicate: the distributed rewrite drops the same rows of the same
+        windows for every candidate that shares them."""
+        known = self._matches.get((key, prefix, categories))
+        if known is None:
+            found = []
+            for category in categories:
+                for j in self.of_category(category):
+                    _, _, _, fields.category, phase, fields.module, fields.op, fields.saved = self.row(j)
+                    fields.phase = prefix + phase
+                    if fields.category in categories and predicate(fields):
+                        found.append(j)
+            known = self._matches[(key, prefix, categories)] = frozenset(found)
+        return known
 
     def alloc_bounds(self) -> tuple[int, int]:
         """The first and last allocation event of the rows (kept)."""
