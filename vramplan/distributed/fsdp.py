@@ -43,7 +43,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vramplan.distributed.rewrite import Rewriter, StepWindows, WEIGHTS, optimizer_temporary, rounded
+from vramplan.distributed.rewrite import (Rewriter, StepWindows, WEIGHTS, made_afresh, optimizer_temporary,
+                                         rounded)
 from vramplan.distributed.units import Unit, UnitIndex
 from vramplan.estimate.optimizer import optimizer_state_tensors
 from vramplan.estimate.optimizer_step import clip_scalars, step_transients
@@ -105,15 +106,17 @@ class FsdpResult:
 
 
 def fsdp_rewrite(rw: Rewriter, spec: TrainingSpec, units: dict[str, list[Unit]], trainable: dict,
-                 param_itemsize: int, compute_itemsize: int, world: int, rank: int = 0) -> FsdpResult:
+                 param_itemsize: int, compute_itemsize: int, world: int, rank: int = 0,
+                 kept=made_afresh) -> FsdpResult:
     """Rewrite `rw` (the single-GPU timeline) into rank `rank`'s under FSDP.
 
     `units`: component -> its wrap units (root first); `trainable`: component -> set of trained
-    parameter names (relative to the component)."""
+    parameter names (relative to the component). `kept(make, *parts)`: `make()`, or what it made
+    for the same step records and `parts` (the units' spans, which only those records decide)."""
     sharding = spec.fsdp_sharding or FsdpSharding.FULL_SHARD
     offload = spec.offload is Offload.PARAMS
     mixed = compute_itemsize != param_itemsize
-    index = UnitIndex([u for us in units.values() for u in us])
+    index = _index(units)
     layouts = fsdp_layouts(units, trainable, world, compute_itemsize)
     roots = {id(us[0]) for us in units.values()}
     in_wrapped = wrapped_by(units)
@@ -147,8 +150,11 @@ def fsdp_rewrite(rw: Rewriter, spec: TrainingSpec, units: dict[str, list[Unit]],
     for k, step in enumerate(rw.steps()):
         # with gradient accumulation the first of the two modelled steps is a no_sync micro-step
         sync = not (k == 0 and spec.gradient_accumulation_steps > 1)
+        spans = kept(lambda: (_path_spans(rw.module_spans(step.forward), index, in_wrapped),
+                              _path_spans(rw.module_spans(step.backward), index, in_wrapped)),
+                     "fsdp spans", k, mixed, tuple(units))
         shards, root_at = _one_step(rw, step, spec, units, index, layouts, roots, in_wrapped, category,
-                                    param_itemsize, compute_itemsize, sharding, offload, mixed, sync, held)
+                                    param_itemsize, compute_itemsize, sharding, offload, mixed, sync, held, spans)
         # zero_grad(set_to_none=True) clears only the original parameters' views; the
         # FlatParameter's `.grad` (the sharded gradient) goes at the root's next pre-forward
         # (_runtime_utils.py `_root_pre_forward` -> `_reset_flat_param_grad_info_if_needed`)
@@ -203,32 +209,54 @@ def fsdp_resident(spec: TrainingSpec, units: dict, trainable: dict, param_itemsi
     return shards, sum(rounded(s.nbytes) for s in states if not s.on_host)
 
 
-def _unit_spans(modules: dict, index: UnitIndex, in_wrapped) -> dict[int, list[int]]:
-    """id(unit) -> [first, last] scaled event of records inside the unit (nested units included),
+_INDEXES: list = []      # [(units, UnitIndex)], the last few: a search asks with the same units
+
+
+def _index(units: dict) -> UnitIndex:
+    """The units' UnitIndex, whose memos serve every candidate with these units."""
+    for known, index in _INDEXES:
+        if known is units:
+            return index
+    index = UnitIndex([u for us in units.values() for u in us])
+    _INDEXES.insert(0, (units, index))
+    del _INDEXES[4:]
+    return index
+
+
+def _path_spans(modules: dict, index: UnitIndex, in_wrapped) -> dict[str, tuple[int, int]]:
+    """unit path -> (first, last) scaled event of records inside the unit (nested units included),
     from each module's first and last (`Rewriter.module_spans`): a unit has many modules."""
-    spans: dict[int, list[int]] = {}
+    spans: dict[str, list[int]] = {}
     for module, (start, end) in modules.items():
         if not in_wrapped(module):
             continue
         for unit in index.enclosing(module):
-            span = spans.get(id(unit))
+            span = spans.get(unit.full_path)
             if span is None:
-                spans[id(unit)] = [start, end]
+                spans[unit.full_path] = [start, end]
             else:
-                span[0] = min(span[0], start)
-                span[1] = max(span[1], end)
-    return spans
+                if start < span[0]:
+                    span[0] = start
+                if end > span[1]:
+                    span[1] = end
+    return {path: (first, last) for path, (first, last) in spans.items()}
 
 
 def _one_step(rw: Rewriter, step: StepWindows, spec, units, index: UnitIndex, layouts, roots, in_wrapped,
               category, param_itemsize, compute_itemsize, sharding, offload, mixed,
-              sync: bool = True, held: dict | None = None):
+              sync: bool = True, held: dict | None = None, spans: tuple | None = None):
     """One step's unshards, reshards and gradient reductions. `sync` False is a micro-step under
     `no_sync()` (accelerate's `accumulate` with gradient accumulation): `_post_backward_hook`
     returns before reducing, so each unit keeps its unsharded gradient (`held`, by unit) into the
-    next micro-step, which accumulates into it."""
+    next micro-step, which accumulates into it. `spans`: the units' forward and backward spans
+    (`_path_spans`), when the caller has them."""
     held = {} if held is None else held
     by_id = {id(u): u for us in units.values() for u in us}
+    by_path = {u.full_path: id(u) for u in by_id.values()}
+    if spans is None:
+        spans = (_path_spans(rw.module_spans(step.forward), index, in_wrapped),
+                 _path_spans(rw.module_spans(step.backward), index, in_wrapped))
+    spans_f, spans_b = ({by_path[path]: span for path, span in made.items()} for made in spans)
     full_bytes = {uid: layouts[uid].padded_numel * compute_itemsize for uid in by_id}
     shard_numel = {uid: layouts[uid].shard_numel for uid in by_id}
     phase_f, phase_b = step.prefix + "forward", step.prefix + "backward"
@@ -252,7 +280,6 @@ def _one_step(rw: Rewriter, step: StepWindows, spec, units, index: UnitIndex, la
             rec.free_at = at
 
     # -- forward ---------------------------------------------------------------------------------
-    spans_f = _unit_spans(rw.module_spans(step.forward), index, in_wrapped)
     order_f = sorted(spans_f, key=lambda uid: (spans_f[uid][0], by_id[uid].full_path.count(".")))
     frees = []
     root_unshard = {}
@@ -268,7 +295,6 @@ def _one_step(rw: Rewriter, step: StepWindows, spec, units, index: UnitIndex, la
         reshard(uid, rw.after(last))
 
     # -- backward --------------------------------------------------------------------------------
-    spans_b = _unit_spans(rw.module_spans(step.backward), index, in_wrapped)
     grads: dict[int, list] = {}
     for r in rw.of_categories((Category.GRADIENTS,), step.backward):
         if in_wrapped(r.module):

@@ -170,6 +170,13 @@ def per_gpu_records(spec: TrainingSpec, inventories: dict, rank: int = 0):
     with step_seen_as(spec, units):
         timeline = build_timeline(graph_spec(spec), inventories)
     rw = Rewriter(timeline.records, timeline.clock.phases, timeline.clock.now)
+
+    def kept(make, *parts):
+        """What a rewrite reads of the step's records alone, kept with the shared step (keyed as
+        the build is: FSDP with adapters sees its method through the wrapper)."""
+        with step_seen_as(spec, units):
+            return kept_for_shared_timeline(graph_spec(spec), inventories, make, *parts)
+
     components = tuple(trained)
     world = spec.num_gpus
     gpus_per_node = spec.num_gpus
@@ -188,7 +195,7 @@ def per_gpu_records(spec: TrainingSpec, inventories: dict, rank: int = 0):
     elif strategy is Strategy.FSDP:
         sharding = spec.fsdp_sharding or FsdpSharding.FULL_SHARD
         compute_itemsize = 2 if spec.precision.autocast else param_itemsize
-        fsdp = fsdp_rewrite(rw, spec, units, trainable, param_itemsize, compute_itemsize, world, rank)
+        fsdp = fsdp_rewrite(rw, spec, units, trainable, param_itemsize, compute_itemsize, world, rank, kept=kept)
         states = {"sharded_parameters": fsdp.shard_bytes, "sharded_gradients": fsdp.sharded_grad_bytes,
                   "optimizer_states": fsdp.state_bytes, "largest_unsharded_unit": fsdp.largest_unit_bytes,
                   "units": sum(len(us) for us in units.values())}
@@ -214,9 +221,7 @@ def per_gpu_records(spec: TrainingSpec, inventories: dict, rank: int = 0):
             raise UsageError("DeepSpeed runs one model per accelerate run")
         comp = components[0]
         model_itemsize = 4 if spec.precision is Precision.FP32 else 2
-        zero = zero_rewrite(rw, spec, comp, inventories[comp], trained[comp], model_itemsize, world,
-                            kept=lambda make, *parts: kept_for_shared_timeline(graph_spec(spec), inventories,
-                                                                               make, *parts))
+        zero = zero_rewrite(rw, spec, comp, inventories[comp], trained[comp], model_itemsize, world, kept=kept)
         states = {"parameters": zero.param_bytes, "gradients": zero.grad_bytes,
                   "fp32_master_weights": zero.master_bytes, "optimizer_states": zero.state_bytes,
                   "ipg_buckets": zero.bucket_bytes}

@@ -34,6 +34,11 @@ WEIGHTS = (Category.TRAINABLE_WEIGHTS, Category.FROZEN_WEIGHTS)
 _UNBOUNDED = (-(1 << 62), 1 << 62)
 
 
+def made_afresh(make, *parts):
+    """A rewrite's `kept` when nothing is kept: `make()`."""
+    return make()
+
+
 def optimizer_temporary(r) -> bool:
     """A temporary of the optimizer step itself (the step's optimizer rows name no op, no module):
     what the strategies replace with their own step. A module-level function, so that it keys

@@ -51,7 +51,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from vramplan.distributed.fsdp import add_step
-from vramplan.distributed.rewrite import Rewriter, WEIGHTS, optimizer_temporary, rounded
+from vramplan.distributed.rewrite import Rewriter, WEIGHTS, made_afresh, optimizer_temporary, rounded
 from vramplan.estimate.optimizer import optimizer_state_tensors
 from vramplan.footprint import Category
 from vramplan.models.inventory import Inventory, numel
@@ -165,13 +165,9 @@ def moved_at_load(stage: int, component: str, trained_names: set):
     return lambda name: name.startswith(prefix)
 
 
-def _made(make, *parts):
-    return make()
-
-
 def zero_rewrite(rw: Rewriter, spec: TrainingSpec, component: str, inventory: Inventory,
                  trained: list, model_itemsize: int, world: int, config: ZeroConfig = ZeroConfig(),
-                 kept=_made) -> ZeroResult:
+                 kept=made_afresh) -> ZeroResult:
     """Rewrite the pure 16-bit (or fp32) single-GPU timeline into one rank's under ZeRO.
 
     `kept(make, *parts)`: `make()`, or what it made for the same step records and `parts` (ZeRO-3's
