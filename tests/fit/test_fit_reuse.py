@@ -133,6 +133,13 @@ def test_a_candidate_is_decided_by_its_estimates_device_used(fresh):
     for options in SPECS:
         spec = _spec(options)
         if spec.is_distributed:
+            # one GPU of several: `per_gpu_device_used`, and host RAM, against the estimate's
+            decided, host = walk.per_gpu_device_used(spec)
+            walk.device_floor(spec)
+            assert walk.per_gpu_device_used(spec) == (decided, host), options
+            whole = walk.per_gpu_estimate(spec)
+            assert (whole.footprint.device_used_bytes, walk.host_bytes(whole)) == (decided, host), options
+            assert estimate(spec).footprint.device_used_bytes == decided, options
             continue
         decided = walk.estimated_device_used(spec)
         walk.device_floor(spec)
@@ -173,16 +180,25 @@ def test_strategies_share_records_they_never_change(fresh):
     assert shared.clock.records[0] is step.build_timeline(ddp, inventories).clock.records[0]
 
 
-def test_listed_plans_make_their_whole_estimate_when_read(fresh):
+@pytest.mark.parametrize("options", [{"model": "sd15", "method": "lora", "gpu": "4GB"},
+                                     {"model": "sd15", "method": "full", "gpus": "4x6GB"}])
+def test_listed_plans_make_their_whole_estimate_when_read(fresh, options):
     """The winner's whole estimate is made by the search (its grid is drawn); the other plans'
-    when first read, the same as `estimate` gives, with the device used the search decided by."""
-    result = search(fit_request(build_spec({"model": "sd15", "method": "lora", "gpu": "4GB"})))
+    when first read, the same as `estimate` gives, with the device used (and, on several GPUs,
+    the host RAM) the search decided by."""
+    result = search(fit_request(build_spec(options)))
     assert len(result.plans) >= 2
     assert result.plans[0].made is not None
-    later = result.plans[1]
-    assert later.made is None
-    whole = later.estimate
-    assert later.made is whole and whole.footprint.device_used_bytes == later.device_used_bytes
+    later = [p for p in result.plans[1:] if p.made is None]
+    assert later
+    for plan in later:
+        whole = plan.estimate
+        assert plan.made is whole and whole.footprint.device_used_bytes == plan.device_used_bytes
+        assert walk.host_bytes(whole) == plan.host_bytes
+    if result.plans[0].spec.is_distributed:    # an offload among them: host RAM decided without its estimate
+        assert any(plan.host_bytes for plan in later)
     walk.clear_cache()
     step.clear_reuse()
-    assert estimate(later.spec).to_json() == whole.to_json()
+    for plan in later:
+        alone = walk.per_gpu_estimate(plan.spec) if plan.spec.is_distributed else estimate(plan.spec)
+        assert alone.to_json() == plan.estimate.to_json()

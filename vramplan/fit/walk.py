@@ -42,9 +42,13 @@ accumulation the gradients stay alive between micro-steps, through the next forw
 replays the micro-steps and counts them.
 
 Several GPUs (`--gpus N>1`): every candidate is one GPU's footprint under the candidate's strategy
-(`vramplan.distributed.plan.per_gpu_records`, the first half of `estimate_distributed`; the
-winner gets the whole distributed estimate, with the same footprint). Two things change in the
-walk. The strategy axis has no single leanest value, so a subtree's lower bound is a set
+(`vramplan.distributed.plan.per_gpu_records`, the first half of `estimate_distributed`; decided,
+like one GPU's, by its device used alone, `per_gpu_device_used`, with its host RAM; the winner
+gets the whole distributed estimate, with the same footprint). Before its device floor, which
+needs the strategy's rewrite of the step, a candidate meets a bound that needs none
+(`vramplan.distributed.floor`: the shared step's peaks less what the strategy may drop or
+change, plus the model states it keeps): it rules out some 35 of an SDXL LoRA 2x8GB search's 80
+lower bounds. Two things change in the walk. The strategy axis has no single leanest value, so a subtree's lower bound is a set
 (`floor_completions`): one completion per value that may be the leanest, and the subtree is cut
 only when none of them fits. And some combinations do not exist (DeepSpeed with a pure 16-bit
 model, an offload with 8-bit Adam, a sharded quantized base): they are never estimated nor
@@ -195,11 +199,13 @@ class FitResult:
 
 _ESTIMATES: dict[str, Estimate] = {}
 _USED: dict[str, int] = {}        # a candidate's device used, decided without its whole estimate
+_HOSTS: dict[str, int] = {}       # several GPUs: its host RAM per node, decided with it
 
 
 def clear_cache() -> None:
     _ESTIMATES.clear()
     _USED.clear()
+    _HOSTS.clear()
 
 
 def _key(spec: TrainingSpec) -> str:
@@ -253,6 +259,19 @@ def per_gpu_estimate(spec: TrainingSpec) -> Estimate:
                                           prepared=rw.prepared)
     return Estimate(spec=spec, parameters={}, footprint=footprint, notes=tuple(notes),
                     distributed=PerGpuShare(host, states, tuple(rules)))
+
+
+def per_gpu_device_used(spec: TrainingSpec) -> tuple[int, int]:
+    """`per_gpu_estimate(spec)`'s device used and host RAM per node, without the composition and
+    phase peaks (`footprint_build.device_used_bytes`: the same figure). The records, with their C
+    arrays and allocator replay, are handed on to the estimate of the same spec, if it follows."""
+    from vramplan.footprint_build import device_used_bytes, prepare
+
+    rw, _, host, _ = _per_gpu_records(spec, keep=True)
+    if rw.prepared is None:
+        rw.prepared = prepare(rw.records, rw.phases, spec.gpu, spec.gradient_checkpointing)
+    return (device_used_bytes(rw.records, rw.phases, spec.gpu, spec.gradient_checkpointing, prepared=rw.prepared),
+            host.bytes_per_node)
 
 
 def _default_estimator(spec: TrainingSpec) -> Estimate:
@@ -457,12 +476,16 @@ class _Search:
             return None if known is None else known.footprint.device_used_bytes
         if key in _USED:
             return _USED[key]
-        if self.device_floor is None or spec.is_distributed:
+        if self.device_floor is None:
             known = self.estimate(spec)
             return None if known is None else known.footprint.device_used_bytes
         self.estimates += 1
         try:
-            used = _USED[key] = estimated_device_used(spec)
+            if spec.is_distributed:
+                used, _HOSTS[key] = per_gpu_device_used(spec)
+                _USED[key] = used
+            else:
+                used = _USED[key] = estimated_device_used(spec)
         except UsageError as error:
             self._cannot_count(spec, key, error)
             return None
@@ -588,7 +611,7 @@ class _Search:
             return None
         spec = self.spec(choice)
         estimate, make = None, None
-        if self.plans and self.device_floor is not None and not spec.is_distributed:
+        if self.plans and self.device_floor is not None:
             used = self.device_used(spec)
             if used is None:
                 return None
@@ -603,8 +626,14 @@ class _Search:
         labels = tuple(axis.labels[i] for axis, i in zip(self.axes, choice))
         return Plan(spec=spec, made=estimate, device_used_bytes=used, labels=labels, accumulation_bytes=extra,
                     required_bytes=required, choice=tuple(choice),
-                    host_bytes=None if estimate is None else host_bytes(estimate),
+                    host_bytes=self._host_bytes(spec) if estimate is None else host_bytes(estimate),
                     host_limit=self.request.host_ram, make=make)
+
+    def _host_bytes(self, spec: TrainingSpec) -> int | None:
+        """Host RAM per node of a candidate decided (`device_used`): from its estimate, if made."""
+        key = _key(spec)
+        known = _ESTIMATES.get(key)
+        return host_bytes(known) if known is not None else _HOSTS.get(key)
 
     def fits(self, choice: tuple, prefix: tuple = ()) -> Plan | None:
         """The plan if it fits, accumulation included (`prefix`: the walk's node, for probes)."""
