@@ -392,13 +392,16 @@ def _stage3_working_set(rw: Rewriter, step, k: int, trace: _Trace, itemsize: int
 
     reach, nearest = trace.reach, trace.nearest
     waiting = Waiting(paths, trace.fetching)
+    positions = waiting.positions       # changed in place as submodules are gathered and released
     prefetch = complete and config.prefetch_bucket_size > 0
+    before = rw.before
     for i, (path, forward, (first, last)) in enumerate(zip(paths, trace.forward, trace.spans)):
-        at = rw.before(first)
-        gather(path, at, phase[forward])
-        if prefetch:
+        at = before(first)
+        if (small[path] and path not in persisted) or (large[path] and path not in live):
+            gather(path, at, phase[forward])
+        if prefetch and positions and positions[-1] > i:
             budget = min(config.prefetch_bucket_size, config.max_live_parameters - live_large[0])
-            for nxt in prefetched(paths, waiting.positions, i, large, budget):
+            for nxt in prefetched(paths, positions, i, large, budget):
                 gather(nxt, at, phase[forward])
         if path not in live:
             continue
