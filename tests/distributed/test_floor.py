@@ -134,18 +134,16 @@ def test_what_a_rewrite_drops_or_changes_the_bound_takes_out(options):
 def _sizes(spec, inventories):
     """(resident, states) as the bound reads them (its own functions, called here on their own)."""
     from vramplan.distributed import fsdp, zero
-    from vramplan.distributed.plan import _fsdp_units
-    from vramplan.precision import ITEMSIZE, trainable_dtype
+    from vramplan.distributed.plan import _fsdp_units, fsdp_itemsizes, zero_model_itemsize
 
     trained = trained_tensors(spec, inventories)
     if spec.strategy is Strategy.DDP:
         return 0, 0
     if spec.strategy is Strategy.FSDP:
         units, trainable = _fsdp_units(spec, inventories, trained)
-        item = ITEMSIZE[trainable_dtype(spec)]
-        return fsdp.fsdp_resident(spec, units, trainable, item, 2 if spec.precision.autocast else item, 2)
+        return fsdp.fsdp_resident(spec, units, trainable, *fsdp_itemsizes(spec), 2)
     (comp, tensors), = trained.items()
-    sizes = zero.zero_sizes(spec, comp, inventories[comp], tensors, 4 if spec.precision.value == "fp32" else 2, 2)
+    sizes = zero.zero_sizes(spec, comp, inventories[comp], tensors, zero_model_itemsize(spec), 2)
     return sizes.resident_bytes, sizes.state_bytes
 
 

@@ -35,15 +35,14 @@ import bisect
 
 from vramplan import native
 from vramplan.distributed import fsdp, zero
-from vramplan.distributed.plan import _fsdp_units, graph_spec, step_seen_as
+from vramplan.distributed.plan import _fsdp_units, fsdp_itemsizes, graph_spec, step_seen_as, zero_model_itemsize
 from vramplan.distributed.rewrite import WEIGHTS, Rewriter
 from vramplan.estimate.overheads import cuda_context_bytes
 from vramplan.estimate.replay import cuda_rounded
 from vramplan.estimate.step import (build_timeline, kept_for_shared_timeline, kept_for_tensors, step_tensors,
                                     trained_tensors)
 from vramplan.footprint import Category
-from vramplan.precision import ITEMSIZE, trainable_dtype
-from vramplan.spec import Precision, Strategy, TrainingSpec
+from vramplan.spec import Strategy, TrainingSpec
 from vramplan.timeline import _live_curve
 
 CHANGED = (Category.GRADIENTS, Category.OPTIMIZER_STATES, Category.AUTOCAST_CACHE)
@@ -59,15 +58,12 @@ def strategy_floor(spec: TrainingSpec, inventories: dict) -> int:
         moved, resident, states, family = None, 0, 0, None
     elif strategy is Strategy.FSDP:
         units, trainable = _fsdp_units(spec, inventories, trained)
-        param_itemsize = ITEMSIZE[trainable_dtype(spec)]
-        compute_itemsize = 2 if spec.precision.autocast else param_itemsize
         moved, family = fsdp.moved_at_load(units), ("fsdp",)
-        resident, states = fsdp.fsdp_resident(spec, units, trainable, param_itemsize, compute_itemsize,
-                                              spec.num_gpus)
+        resident, states = fsdp.fsdp_resident(spec, units, trainable, *fsdp_itemsizes(spec), spec.num_gpus)
     else:
         comp, = trained
-        model_itemsize = 4 if spec.precision is Precision.FP32 else 2
-        sizes = zero.zero_sizes(spec, comp, inventories[comp], trained[comp], model_itemsize, spec.num_gpus)
+        sizes = zero.zero_sizes(spec, comp, inventories[comp], trained[comp], zero_model_itemsize(spec),
+                                spec.num_gpus)
         moved = zero.moved_at_load(sizes.stage, comp, {f"{comp}.{t.name}" for t in trained[comp]})
         family = ("zero", sizes.stage == 3)
         resident, states = sizes.resident_bytes, sizes.state_bytes

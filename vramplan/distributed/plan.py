@@ -142,6 +142,18 @@ def step_seen_as(spec: TrainingSpec, units: dict | None):
     return contextlib.nullcontext()
 
 
+def fsdp_itemsizes(spec: TrainingSpec) -> tuple[int, int]:
+    """(parameter, compute) element sizes under FSDP: the flat parameters in the trainable dtype,
+    gathered in 16 bits under accelerate's MixedPrecision (--precision fp16/bf16)."""
+    param = ITEMSIZE[trainable_dtype(spec)]
+    return param, 2 if spec.precision.autocast else param
+
+
+def zero_model_itemsize(spec: TrainingSpec) -> int:
+    """The engine casts the model to the config's 16-bit dtype, unless the run is fp32."""
+    return 4 if spec.precision is Precision.FP32 else 2
+
+
 def _fsdp_units(spec: TrainingSpec, inventories: dict, trained: dict):
     """(component -> its wrap units, component -> trained names): kept for the candidates with
     the same trained tensors (read-only: a search asks for them once per FSDP candidate)."""
@@ -194,7 +206,7 @@ def per_gpu_records(spec: TrainingSpec, inventories: dict, rank: int = 0):
                      "torch/nn/parallel/distributed.py, torch/csrc/distributed/c10d/reducer.cpp")
     elif strategy is Strategy.FSDP:
         sharding = spec.fsdp_sharding or FsdpSharding.FULL_SHARD
-        compute_itemsize = 2 if spec.precision.autocast else param_itemsize
+        compute_itemsize = fsdp_itemsizes(spec)[1]
         fsdp = fsdp_rewrite(rw, spec, units, trainable, param_itemsize, compute_itemsize, world, rank, kept=kept)
         states = {"sharded_parameters": fsdp.shard_bytes, "sharded_gradients": fsdp.sharded_grad_bytes,
                   "optimizer_states": fsdp.state_bytes, "largest_unsharded_unit": fsdp.largest_unit_bytes,
@@ -220,7 +232,7 @@ def per_gpu_records(spec: TrainingSpec, inventories: dict, rank: int = 0):
         if len(components) != 1:
             raise UsageError("DeepSpeed runs one model per accelerate run")
         comp = components[0]
-        model_itemsize = 4 if spec.precision is Precision.FP32 else 2
+        model_itemsize = zero_model_itemsize(spec)
         zero = zero_rewrite(rw, spec, comp, inventories[comp], trained[comp], model_itemsize, world, kept=kept)
         states = {"parameters": zero.param_bytes, "gradients": zero.grad_bytes,
                   "fp32_master_weights": zero.master_bytes, "optimizer_states": zero.state_bytes,
