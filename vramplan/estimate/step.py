@@ -411,7 +411,8 @@ STRATEGY_FIELDS = frozenset({"gpu", "num_gpus", "strategy", "fsdp_sharding", "of
 _SHARED = _Lru(12)         # an SDXL step is some 57 000 records (about 6 MB)
 
 
-_OF_SHARED = _Lru(64)      # small values made from a shared build (`kept_for_shared_timeline`)
+_OF_SHARED = _Lru(64)      # what is read of a shared build alone (`kept_for_shared_timeline`): a
+                           # bound's peaks, a ZeRO-3 fetch trace, FSDP unit spans (up to some 0.3 MB)
 
 
 def _shared(key: tuple) -> tuple:

@@ -48,9 +48,9 @@ gets the whole distributed estimate, with the same footprint). Before its device
 needs the strategy's rewrite of the step, a candidate meets a bound that needs none
 (`vramplan.distributed.floor`: the shared step's peaks less what the strategy may drop or
 change, plus the model states it keeps): it rules out some 35 of an SDXL LoRA 2x8GB search's 80
-lower bounds. Two things change in the walk. The strategy axis has no single leanest value, so a subtree's lower bound is a set
-(`floor_completions`): one completion per value that may be the leanest, and the subtree is cut
-only when none of them fits. And some combinations do not exist (DeepSpeed with a pure 16-bit
+lower bounds. Two things change in the walk. The strategy axis has no single leanest value, so
+a subtree's lower bound is a set (`floor_completions`): one completion per value that may be the
+leanest, and the subtree is cut only when none of them fits. And some combinations do not exist (DeepSpeed with a pure 16-bit
 model, an offload with 8-bit Adam, a sharded quantized base): they are never estimated nor
 listed, and the bounds are taken over the combinations that exist (the Pareto-least of them).
 A plan that offloads also needs host RAM per node (`Plan.host_bytes`, what the engines pin and
