@@ -237,3 +237,13 @@ def test_a_search_rules_candidates_out_by_the_bound_and_finds_the_same_plans(mon
     without, more = run()
     assert with_bound == without
     assert fewer < more
+
+
+def test_a_spec_deepspeed_cannot_run_gets_no_bound_and_the_rewrite_says_why():
+    from vramplan.errors import UsageError
+
+    spec = spec_of({"method": "lora", "strategy": "ddp", "train_text_encoder": True}).replace(strategy=Strategy.ZERO2)
+    inventories = load_model_inventories(spec.model)
+    assert floor.strategy_floor(spec, inventories) == 0
+    with pytest.raises(UsageError, match="one model"):
+        per_gpu_records(spec, inventories)

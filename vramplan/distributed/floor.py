@@ -50,7 +50,7 @@ CHANGED = (Category.GRADIENTS, Category.OPTIMIZER_STATES, Category.AUTOCAST_CACH
 
 def strategy_floor(spec: TrainingSpec, inventories: dict) -> int:
     """A lower bound of `spec`'s device used per GPU (see the module's docstring); 0 when the
-    spec's step has no optimizer phase to place the states after."""
+    spec's step has no optimizer phase to place the states after, or is not one DeepSpeed runs."""
     trained = trained_tensors(spec, inventories)
     units = None
     strategy = spec.strategy
@@ -60,6 +60,8 @@ def strategy_floor(spec: TrainingSpec, inventories: dict) -> int:
         units, trainable = _fsdp_units(spec, inventories, trained)
         moved, family = fsdp.moved_at_load(units), ("fsdp",)
         resident, states = fsdp.fsdp_resident(spec, units, trainable, *fsdp_itemsizes(spec), spec.num_gpus)
+    elif len(trained) != 1:
+        return 0        # DeepSpeed runs one model: the rewrite says so (a UsageError), not this bound
     else:
         comp, = trained
         sizes = zero.zero_sizes(spec, comp, inventories[comp], trained[comp], zero_model_itemsize(spec),
