@@ -44,7 +44,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vramplan.distributed.rewrite import (Rewriter, StepWindows, WEIGHTS, made_afresh, optimizer_temporary,
-                                         rounded)
+                                         kept_by_identity, rounded, widen)
 from vramplan.distributed.units import Unit, UnitIndex
 from vramplan.estimate.optimizer import optimizer_state_tensors
 from vramplan.estimate.optimizer_step import clip_scalars, step_transients
@@ -214,13 +214,7 @@ _INDEXES: list = []      # [(units, UnitIndex)], the last few: a search asks wit
 
 def _index(units: dict) -> UnitIndex:
     """The units' UnitIndex, whose memos serve every candidate with these units."""
-    for known, index in _INDEXES:
-        if known is units:
-            return index
-    index = UnitIndex([u for us in units.values() for u in us])
-    _INDEXES.insert(0, (units, index))
-    del _INDEXES[4:]
-    return index
+    return kept_by_identity(_INDEXES, (units,), lambda: UnitIndex([u for us in units.values() for u in us]))
 
 
 def _path_spans(modules: dict, index: UnitIndex, in_wrapped) -> dict[str, tuple[int, int]]:
@@ -231,14 +225,7 @@ def _path_spans(modules: dict, index: UnitIndex, in_wrapped) -> dict[str, tuple[
         if not in_wrapped(module):
             continue
         for unit in index.enclosing(module):
-            span = spans.get(unit.full_path)
-            if span is None:
-                spans[unit.full_path] = [start, end]
-            else:
-                if start < span[0]:
-                    span[0] = start
-                if end > span[1]:
-                    span[1] = end
+            widen(spans, unit.full_path, start, end)
     return {path: (first, last) for path, (first, last) in spans.items()}
 
 

@@ -46,6 +46,32 @@ def optimizer_temporary(r) -> bool:
     return r.op == "" and r.module == ""
 
 
+def kept_by_identity(cache: list, pins: tuple, make, size: int = 4):
+    """`make()`, or what it made for the same `pins`: objects by identity, ints and strings by
+    value. `cache` holds the last `size`: what a rewrite derives from the model and the trained
+    tensors alone, which a search passes as the same objects candidate after candidate."""
+    for known, made in cache:
+        if len(known) == len(pins) and all(a is b or (type(a) in (int, str) and a == b) for a, b in zip(known, pins)):
+            return made
+    made = make()
+    cache.insert(0, (pins, made))
+    del cache[size:]
+    return made
+
+
+def widen(spans: dict, key, first: int, last: int) -> None:
+    """spans[key], a [first, last] pair of events, widened to hold first..last (made if absent):
+    the module and unit spans every strategy reads."""
+    span = spans.get(key)
+    if span is None:
+        spans[key] = [first, last]
+    else:
+        if first < span[0]:
+            span[0] = first
+        if last > span[1]:
+            span[1] = last
+
+
 def rounded(nbytes: int) -> int:
     """What the CUDA caching allocator hands out for a request (512-byte blocks)."""
     return round_size(nbytes) if nbytes > 0 else 0
@@ -351,17 +377,6 @@ class Rewriter:
         lo, hi = window
         first_event, end_event = -(-lo // SCALE), -(-hi // SCALE)    # the unscaled events inside
         spans: dict[str, list[int]] = {}
-
-        def merge(module: str, first: int, last: int) -> None:
-            span = spans.get(module)
-            if span is None:
-                spans[module] = [first, last]
-            else:
-                if first < span[0]:
-                    span[0] = first
-                if last > span[1]:
-                    span[1] = last
-
         dropped = self._dropped
         for k, (start, run) in enumerate(zip(self._base.starts, self._base.runs)):
             first, end = self._base.alloc_range(k)
@@ -371,15 +386,15 @@ class Rewriter:
                 for j, r in enumerate(run):
                     at = r.alloc_at * SCALE
                     if r.module and lo <= at < hi and not dropped[start + j]:
-                        merge(r.module, at, at)
+                        widen(spans, r.module, at, at)
                 continue
             off = run.offset
             skip = frozenset(self._dropped_in.get(k, ()))
             for module, (first, last) in run.rows.module_spans(first_event - off, end_event - off, skip).items():
-                merge(module, (first + off) * SCALE, (last + off) * SCALE)
+                widen(spans, module, (first + off) * SCALE, (last + off) * SCALE)
         for r in self._added:
             if r.module and lo <= r.alloc_at < hi:
-                merge(r.module, r.alloc_at, r.alloc_at)
+                widen(spans, r.module, r.alloc_at, r.alloc_at)
         return spans
 
     @property

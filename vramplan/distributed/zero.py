@@ -51,7 +51,8 @@ import itertools
 from dataclasses import dataclass, field
 
 from vramplan.distributed.fsdp import add_step
-from vramplan.distributed.rewrite import Rewriter, WEIGHTS, made_afresh, optimizer_temporary, rounded
+from vramplan.distributed.rewrite import (Rewriter, WEIGHTS, kept_by_identity, made_afresh, optimizer_temporary,
+                                         rounded, widen)
 from vramplan.estimate.optimizer import optimizer_state_tensors
 from vramplan.footprint import Category
 from vramplan.models.inventory import Inventory, numel
@@ -133,9 +134,14 @@ class ZeroSizes:
         return flat + (0 if self.offload_opt else rounded(self.partition * 4))
 
     @property
+    def states_on_device(self) -> int:
+        """The states' bytes the optimizer keeps on its device: the GPU, or the host when offloaded."""
+        return sum(rounded(s.nbytes) for s in self.states if not s.on_host)
+
+    @property
     def state_bytes(self) -> int:
         """Optimizer states on the GPU, added in the first step and never freed."""
-        return 0 if self.offload_opt else sum(rounded(s.nbytes) for s in self.states if not s.on_host)
+        return 0 if self.offload_opt else self.states_on_device
 
 
 def zero_sizes(spec: TrainingSpec, component: str, inventory: Inventory, trained: list, model_itemsize: int,
@@ -220,7 +226,7 @@ def zero_rewrite(rw: Rewriter, spec: TrainingSpec, component: str, inventory: In
 
     # -- steps -----------------------------------------------------------------------------------
     states = list(sizes.states)
-    result.state_bytes = sum(rounded(s.nbytes) for s in states if not s.on_host)
+    result.state_bytes = sizes.states_on_device
     if offload_opt:
         result.host_state_bytes = result.state_bytes
         result.host_pinned_bytes += rounded(partition * 4)        # the fp32 gradient, pinned
@@ -313,21 +319,18 @@ class _Fetching:
         return mod
 
 
-_FETCHING: list = []     # [(inventory, trained, component, threshold, _Fetching)], the last few
+_FETCHING: list = []     # ((inventory, trained, component, threshold), _Fetching): the last few
 
 
 def _fetching(inventory: Inventory, trained: list, component: str, threshold: int) -> _Fetching:
     """`_Fetching` for these objects (by identity: a search asks with the same ones)."""
-    for inv, tr, comp, th, made in _FETCHING:
-        if inv is inventory and tr is trained and comp == component and th == threshold:
-            return made
-    units = _fetch_units(inventory, trained, component)
-    made = _Fetching(units, {p: sum(n for n in ns if n <= threshold) for p, ns in units.items()},
-                     {p: sum(n for n in ns if n > threshold) for p, ns in units.items()},
-                     frozenset(f"{component}.{t.name.rsplit('.', 1)[0]}" for t in trained), {})
-    _FETCHING.insert(0, (inventory, trained, component, threshold, made))
-    del _FETCHING[4:]
-    return made
+    def make() -> _Fetching:
+        units = _fetch_units(inventory, trained, component)
+        return _Fetching(units, {p: sum(n for n in ns if n <= threshold) for p, ns in units.items()},
+                         {p: sum(n for n in ns if n > threshold) for p, ns in units.items()},
+                         frozenset(f"{component}.{t.name.rsplit('.', 1)[0]}" for t in trained), {})
+
+    return kept_by_identity(_FETCHING, (inventory, trained, component, threshold), make)
 
 
 def _stage3_trace(rw: Rewriter, step, component: str, inventory: Inventory, trained: list,
@@ -339,16 +342,8 @@ def _stage3_trace(rw: Rewriter, step, component: str, inventory: Inventory, trai
         found: dict[str, list[int]] = {}
         for module, (first, last) in rw.module_spans(window).items():
             mod = unit(module)
-            if not mod:
-                continue
-            span = found.get(mod)
-            if span is None:
-                found[mod] = [first, last]
-            else:
-                if first < span[0]:
-                    span[0] = first
-                if last > span[1]:
-                    span[1] = last
+            if mod:
+                widen(found, mod, first, last)
         return found
 
     fwd, bwd = spans(step.forward), spans(step.backward)
