@@ -71,7 +71,8 @@ def make_pipeline(out: Path, seed: int = 0) -> Path:
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id))
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, prediction_type="epsilon")
+                              num_train_timesteps=1000, steps_offset=1, clip_sample=False,
+                              prediction_type="epsilon")      # SD 1.5's (no deprecation warnings)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)

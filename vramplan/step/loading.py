@@ -31,6 +31,28 @@ def component_config(model: ModelInfo, component: Component) -> dict:
     return json.loads(path.read_text())
 
 
+class _NotTheImageProcessors:
+    """Drops transformers' notice that an image processor falls back to PIL without torchvision:
+    no step uses an image processor, and the notice lands in the middle of train's progress."""
+
+    def filter(self, record) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+@lru_cache(maxsize=1)
+def quiet_libraries() -> None:
+    """Train draws its own progress (rich): diffusers' and transformers' tqdm bars ("Loading
+    weights", pipeline components) are switched off, their warnings kept, but for one notice."""
+    import logging
+
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("transformers.utils.import_utils").addFilter(_NotTheImageProcessors())
+
+
 @lru_cache(maxsize=None)
 def _class(library: str, name: str):
     if library == "diffusers":

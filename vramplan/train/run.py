@@ -246,6 +246,10 @@ class Run:
         import peft  # noqa: F401
         import transformers  # noqa: F401
 
+        from vramplan.step.loading import quiet_libraries
+
+        quiet_libraries()
+
         meter = MemoryMeter(device)
         seed_everything(options.seed)
         self.prepare()

@@ -1,0 +1,21 @@
+"""What `vramplan train` prints is its own: the libraries' tqdm bars ("Loading weights") and
+transformers' notice about image processors without torchvision stay out of the terminal, where
+they broke into train's progress line."""
+
+import os
+import subprocess
+import sys
+
+
+def test_train_prints_no_library_progress_bars(tiny, kit, tmp_path):
+    model, images = tiny
+    plan = kit.plan(tmp_path / "plan.json", kit.spec(model, method="lora", rank=4))
+    done = subprocess.run([sys.executable, "-m", "vramplan", "train", "--plan", str(plan), "--model", str(model),
+                           "--data", str(images), "--output", str(tmp_path / "run"), "--steps", "1",
+                           "--checkpoint-every", "0", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    printed = done.stdout + done.stderr
+    assert done.returncode == 0, printed
+    assert "pytorch_lora_weights.safetensors" in printed            # train's own report is there
+    assert "Loading weights" not in printed and "it/s]" not in printed, printed
+    assert "requires torchvision" not in printed, printed
