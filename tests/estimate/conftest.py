@@ -54,8 +54,28 @@ def max_over_phases(est, category: Category) -> int:
     return max(p.categories.get(category, 0) for p in est.footprint.phases)
 
 
+def adapted_graphs(spec, monkeypatch) -> list:
+    """(component, graph variant) of each adapted graph the step of `spec` replays."""
+    import vramplan.estimate.step as step
+    from vramplan.models.inventory import load_model_inventories
+
+    seen = []
+    real = step._adapted_graph
+
+    def spy(spec, inventories, method, component, variant, env):
+        seen.append((component, variant))
+        return real(spec, inventories, method, component, variant, env)
+
+    with monkeypatch.context() as m:
+        m.setattr(step, "_adapted_graph", spy)
+        m.setattr(step, "REUSE", False)
+        step.build_timeline(spec, load_model_inventories(spec.model))
+    return seen
+
+
 @pytest.fixture(scope="session")
 def h():
     """The helpers above, for tests (conftest modules are not for importing)."""
     return SimpleNamespace(estimate=cached_estimate, inventory=inventory_json, numels=param_numels,
-                           blocks=blocks, per_tensor=per_tensor, max_over_phases=max_over_phases)
+                           blocks=blocks, per_tensor=per_tensor, max_over_phases=max_over_phases,
+                           adapted_graphs=adapted_graphs)

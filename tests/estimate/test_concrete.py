@@ -10,26 +10,10 @@ import pytest
 import vramplan.estimate.concrete as concrete
 import vramplan.estimate.step as step
 from vramplan.estimate.adapters import adapted
+from vramplan.estimate.traces import graph_for
 from vramplan.methods import get_method
 from vramplan.models.inventory import load_model_inventories
 from vramplan.spec import build_spec
-from vramplan.estimate.traces import graph_for
-
-
-def _graphs(spec, monkeypatch) -> list:
-    """(component, variant) of each adapted graph the step of `spec` replays."""
-    seen = []
-    real = step._adapted_graph
-
-    def spy(spec, inventories, method, component, variant, env):
-        seen.append((component, variant))
-        return real(spec, inventories, method, component, variant, env)
-
-    with monkeypatch.context() as m:
-        m.setattr(step, "_adapted_graph", spy)
-        m.setattr(step, "REUSE", False)
-        step.build_timeline(spec, load_model_inventories(spec.model))
-    return seen
 
 
 def _spliced(spec, component, variant, fast: bool, monkeypatch):
@@ -55,9 +39,9 @@ def _spliced(spec, component, variant, fast: bool, monkeypatch):
     {"method": "hypernetwork"},
     {"model": "sdxl", "method": "lora", "precision": "bf16"},
 ])
-def test_column_by_column_is_the_per_op_loop(options, monkeypatch):
+def test_column_by_column_is_the_per_op_loop(options, monkeypatch, h):
     spec = build_spec({"model": "sd15", "gpu": "24GB", **options})
-    graphs = _graphs(spec, monkeypatch)
+    graphs = h.adapted_graphs(spec, monkeypatch)
     assert graphs
     spliced = 0
     for component, variant in graphs:
@@ -69,12 +53,12 @@ def test_column_by_column_is_the_per_op_loop(options, monkeypatch):
     assert spliced > 0
 
 
-def test_hypernetwork_sites_reuse_the_cached_cast(monkeypatch):
+def test_hypernetwork_sites_reuse_the_cached_cast(monkeypatch, h):
     """The hypernetwork's sites share one adapter, so every site after the first takes its
     weights' autocast casts from the cache: those sites go through the per-op loop, and the
     graph has one cast per adapter weight, not one per site."""
     spec = build_spec({"model": "sd15", "gpu": "24GB", "method": "hypernetwork"})
-    component, variant = _graphs(spec, monkeypatch)[0]
+    component, variant = h.adapted_graphs(spec, monkeypatch)[0]
     calls = []
     real = concrete._instantiate
 

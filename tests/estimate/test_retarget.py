@@ -14,23 +14,6 @@ from vramplan.models.inventory import load_model_inventories
 from vramplan.spec import build_spec
 
 
-
-def _variants(spec, monkeypatch) -> list:
-    """(component, graph variant) of each adapted graph the step of `spec` replays."""
-    seen = []
-    real = step._adapted_graph
-
-    def spy(spec, inventories, method, component, variant, env):
-        seen.append((component, variant))
-        return real(spec, inventories, method, component, variant, env)
-
-    with monkeypatch.context() as m:
-        m.setattr(step, "_adapted_graph", spy)
-        m.setattr(step, "REUSE", False)
-        step.build_timeline(spec, load_model_inventories(spec.model))
-    return seen
-
-
 def _adapted(spec, component, variant):
     inventories = load_model_inventories(spec.model)
     method = get_method(spec.method)
@@ -51,9 +34,9 @@ def _fields(graph):
     {"method": "lokr"},
     {"method": "lora", "train_text_encoder": True},
 ])
-def test_a_resized_graph_is_the_spliced_one(options, monkeypatch):
+def test_a_resized_graph_is_the_spliced_one(options, monkeypatch, h):
     base = {"model": "sd15", "gpu": "24GB", **options}
-    graphs = _variants(build_spec({**base, "rank": 16}), monkeypatch)
+    graphs = h.adapted_graphs(build_spec({**base, "rank": 16}), monkeypatch)
     assert graphs
     for component, variant in graphs:
         first, _ = _adapted(build_spec({**base, "rank": 16}), component, variant)
@@ -71,9 +54,9 @@ def test_a_resized_graph_is_the_spliced_one(options, monkeypatch):
         assert resized >= (0 if options["method"] == "lokr" else 2), (options, component)
 
 
-def test_nothing_to_resize_without_adapters():
+def test_nothing_to_resize_without_adapters(monkeypatch, h):
     spec = build_spec({"model": "sd15", "method": "full", "gpu": "24GB"})
-    (component, variant), = _variants(spec, pytest.MonkeyPatch())
+    (component, variant), = h.adapted_graphs(spec, monkeypatch)
     graph, (method, entries) = _adapted(spec, component, variant)
     assert entries == [] and graph.origin is None
     assert readapted(graph, spec, method, component, entries, variant) is None
