@@ -132,7 +132,7 @@ class _TemplatePlan:
         """The site's new tensors, storages and ops in the order the per-op loop of `splice`
         makes them when no autocast cast is taken from the cache (every site but a shared
         adapter's later ones): sizes taken from the template, ids as codes that a site turns into
-        its own (`_Instance`). A site then appends whole columns, not one tensor at a time."""
+        its own (`_instantiate`). A site then appends whole columns, not one tensor at a time."""
         t, x, y_sid, end = self.t, self.x, self.y_sid, self.end
         code = {x: -1}                            # template tid -> code: new j >= 0, x -1, base k -2-k
         storage = {self.x_sid: -1}                # template sid -> code: new s >= 0, x -1, base k -2-k
