@@ -36,12 +36,17 @@ VAE_VARIANTS = ("fp32", "pure")
 ATTENTION = ("sdpa", "eager")
 
 
+def denoiser_bf16_variants() -> tuple:
+    """The 16-bit denoiser variants recorded in bf16 too (`ModelInfo.bf16_traces`)."""
+    return tuple(f"{v}-bf16" for v in DENOISER_VARIANTS if v != "fp32")
+
+
 def jobs(model: ModelInfo):
     """(graph name, function recording it) for every graph of `model`."""
     from vramplan.simulate import record_model as rm
 
     for attention in ATTENTION:
-        for variant in DENOISER_VARIANTS:
+        for variant in DENOISER_VARIANTS + (denoiser_bf16_variants() if model.bf16_traces else ()):
             yield (f"{model.denoiser.name}.{variant}.{attention}",
                    lambda v=variant, a=attention: rm.record_denoiser(model, v, a))
         for te in model.text_encoders:

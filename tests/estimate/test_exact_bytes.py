@@ -8,6 +8,7 @@ under test for the numbers it is checked against.
 """
 
 import json
+from math import prod
 
 import pytest
 
@@ -289,3 +290,19 @@ def test_estimate_parameters_are_the_reference_counts(h, model):
     denoiser = MODELS[model].denoiser.name
     assert 0 < est.parameters[denoiser].trainable < est.parameters[denoiser].total
     assert all(p.trainable == 0 for name, p in est.parameters.items() if name != denoiser)
+
+
+@pytest.mark.parametrize("precision,itemsize", [("bf16", 2), ("fp16", 2), ("fp32", 4)])
+def test_buffers_stay_in_the_frozen_dtype_when_the_model_trains_whole(h, precision, itemsize):
+    """The step casts trained parameters to fp32 and every floating buffer to the frozen dtype
+    (`step.build`): SD 3.5 Medium's position table (1 x 147456 x 1536, built in fp32) is 16-bit
+    in a mixed-precision full fine-tune, and gets no gradient."""
+    (name, shape, dtype, _), = h.inventory("sd35-medium", "transformer")["buffers"]
+    assert dtype == "float32"
+    est = h.estimate(model="sd35-medium", method="full", precision=precision, cache_latents=True,
+                     cache_text_embeddings=True, gradient_checkpointing=True)
+    for phase in est.footprint.phases:
+        assert phase.categories[Category.BUFFERS] == h.blocks(prod(shape) * itemsize), phase.phase
+    # every parameter's gradient, none for the buffer, alive while the optimizer steps
+    at = {p.phase: p for p in est.footprint.phases}["optimizer"].categories
+    assert at[Category.GRADIENTS] == h.per_tensor(h.numels("sd35-medium", "transformer"), 4)

@@ -36,3 +36,17 @@ def test_dreambooth_trains_what_full_trains(tiny):
     full = get_method(Method.FULL).trainable_tensors(tiny.spec(model="sd15", method="full"), inventories)
     db = get_method(Method.DREAMBOOTH).trainable_tensors(tiny.spec(model="sd15", method="dreambooth"), inventories)
     assert full == db
+
+
+@pytest.mark.parametrize("method", ["full", "dreambooth"])
+def test_buffers_never_train(method):
+    """`requires_grad_` leaves buffers alone: SD 3.5's position table (a buffer named like a
+    parameter in the recorded graph) must not get a gradient in the replay."""
+    spec = build_spec({"model": "sd35-medium", "method": method})
+    inventories = load_model_inventories(spec.model)
+    trains = get_method(spec.method).parameter_filter(spec, "transformer", inventories)
+    buffers = [b.name for b in inventories["transformer"].buffers]
+    assert "pos_embed.pos_embed" in buffers
+    assert not any(trains(f"transformer.{name}") for name in buffers)
+    assert all(trains(f"transformer.{name}") for name, _ in inventories["transformer"].params)
+    assert not get_method(spec.method).parameter_filter(spec, "vae", inventories)("vae.encoder.conv_in.weight")

@@ -9,6 +9,7 @@ attention `sdpa` (xformers keeps the same bytes) or `eager`.
 from __future__ import annotations
 
 from vramplan.estimate.graph import Graph, load_graph
+from vramplan.models.catalog import MODELS
 from vramplan.spec import Attention, TrainingSpec
 
 
@@ -17,9 +18,15 @@ def attention_name(spec: TrainingSpec) -> str:
 
 
 def graph_for(spec: TrainingSpec, component: str, variant: str) -> Graph:
+    """The recorded graph of `component` in `variant`; for a bf16 precision, the graph recorded
+    in bf16 where the catalog model has one (`ModelInfo.bf16_traces`: its denoiser's code
+    branches on float16)."""
     model = spec.model
     local = getattr(model, "local_path", None)
     key = model.key if not local else model.base_model or model.key
+    if (component == model.denoiser.name and variant != "fp32" and spec.precision.low_dtype == "bfloat16"
+            and key in MODELS and MODELS[key].bf16_traces):
+        variant += "-bf16"
     name = f"{component}.{variant}.{attention_name(spec)}"
     if local and not model.base_model:
         from vramplan.estimate.local_traces import local_graph

@@ -66,9 +66,9 @@ def weight_tensors(spec: TrainingSpec, inventories: dict[str, Inventory], traine
     for component in resident_components(spec):
         inv = inventories[component]
         whole = spec.method.trains_denoiser and (component == denoiser or component in trained)
-        dtype = train if whole else (vae_dtype(spec) if component == "vae" else frozen)
+        resting = vae_dtype(spec) if component == "vae" else frozen
         quant = spec.base_quant if component == denoiser else BaseQuant.NONE
-        out.extend(_component_weights(inv, component, dtype, whole, quant))
+        out.extend(_component_weights(inv, component, train if whole else resting, whole, quant, resting))
         if not whole and component in trained:
             for t in trained[component]:
                 out.append(Tensor(f"{component}.{t.name}", t.numel * ITEMSIZE[train],
@@ -80,9 +80,13 @@ def weight_tensors(spec: TrainingSpec, inventories: dict[str, Inventory], traine
     return out
 
 
-def _component_weights(inv: Inventory, component: str, dtype: str, whole: bool, quant: BaseQuant) -> tuple:
-    """One component's parameters and buffers on the card (kept: fit's candidates differ in
-    rank, optimizer or caching far more often than in these)."""
+def _component_weights(inv: Inventory, component: str, dtype: str, whole: bool, quant: BaseQuant,
+                       buffer_dtype: str) -> tuple:
+    """One component's parameters (in `dtype`) and buffers on the card (kept: fit's candidates
+    differ in rank, optimizer or caching far more often than in these). Floating buffers are in
+    `buffer_dtype`, the frozen (or VAE) dtype even where the component trains whole: the step
+    casts parameters by whether they train and buffers never train (`step.build`), so SD 3.5's
+    position table (864 MiB in fp32 for Medium) stays 16-bit in a mixed-precision full fine-tune."""
     def make() -> tuple:
         out = []
         quantize = {m.name + ".weight" for m in inv.linears()} if quant is not BaseQuant.NONE else set()
@@ -94,8 +98,9 @@ def _component_weights(inv: Inventory, component: str, dtype: str, whole: bool, 
                 out.append(Tensor(f"{component}.{name}", prod(shape) * ITEMSIZE[dtype],
                                   Category.TRAINABLE_WEIGHTS if whole else Category.FROZEN_WEIGHTS, component))
         for buf in inv.buffers:
-            itemsize = ITEMSIZE[dtype] if buf.dtype in ("float32", "float16", "bfloat16") else buf.bytes // max(buf.numel, 1)
+            itemsize = ITEMSIZE[buffer_dtype] if buf.dtype in ("float32", "float16", "bfloat16") else \
+                buf.bytes // max(buf.numel, 1)
             out.append(Tensor(f"{component}.{buf.name}", buf.numel * itemsize, Category.BUFFERS, component))
         return tuple(out)
 
-    return kept_per_inventory(inv, ("weights", component, dtype, whole, quant), make)
+    return kept_per_inventory(inv, ("weights", component, dtype, whole, quant, buffer_dtype), make)

@@ -19,8 +19,13 @@ class Full(MethodImpl):
 
 
     def parameter_filter(self, spec, component, inventories):
-        whole = component in self.trainable_tensors(spec, inventories)
-        return lambda name: whole and name.startswith(component + ".")
+        # every named tensor of the component but its buffers (SD 3.5's position table is one:
+        # no gradient, `requires_grad_` leaves buffers alone)
+        if component not in self.trainable_tensors(spec, inventories):
+            return lambda name: False
+        prefix = component + "."
+        buffers = {prefix + b.name for b in inventories[component].buffers}
+        return lambda name: name.startswith(prefix) and name not in buffers
 
     def apply(self, spec, models, inventories):
         trained = set(self.trainable_tensors(spec, inventories))

@@ -39,6 +39,9 @@ class ModelInfo:
     local_path: str | None = None
     base_model: str | None = None
     checkpoint_dtype: str | None = None
+    # The denoiser's code branches on float16, so its 16-bit graphs are recorded in bf16 too
+    # ("<variant>-bf16", used when the precision is bf16; fp16 ones otherwise).
+    bf16_traces: bool = False
 
     @property
     def denoiser(self) -> Component:
@@ -126,6 +129,10 @@ MODELS: dict[str, ModelInfo] = {m.key: m for m in [
         text_lengths={"text_encoder": 77, "text_encoder_2": 512},
         trainable_text_encoders=("text_encoder",),
         aliases=("flux", "flux1-dev", "flux.1-dev"),
+        # transformer_flux.py clips each block's output to +-65504 in float16 only: that clip
+        # saves the residual sum for backward (38 single blocks, +0.9% at 512 px without
+        # checkpointing when a bf16 run replayed the fp16 graph)
+        bf16_traces=True,
     ),
 ]}
 

@@ -4,7 +4,7 @@
 `MATRIX_CI` is the subset CI runs (every method, precision and switch at least once);
 `full_matrix()` is SD 1.5 and SDXL x every method x fp32/fp16/bf16 x GC x batch 1-2, run with
 `python scripts/accuracy_matrix.py` (or `pytest -m slow`) before submitting; its table is in the
-README.
+README. `other_models_matrix()`: FLUX.1-dev, SD 3.5 and SD 2.1 (`--others`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,11 @@ import time
 from dataclasses import dataclass
 
 TOLERANCE = 0.03
+# What the matrices measure: every case of the three within 0.25% once the estimate replays the
+# step's own graph (docs/accuracy/). The contract is TOLERANCE; a case past CLOSE is a modelling
+# error the contract lets through (FLUX's fp16-only clip replayed for bf16 was +0.93%, SD 3.5's
+# position table counted in fp32 with a gradient +2.51%), so the tests hold the cases to it.
+CLOSE = 0.005
 
 MATRIX_CI = [
     {"method": "full", "precision": "fp32"},
@@ -31,6 +36,10 @@ MATRIX_CI = [
      "optimizer": "adafactor"},
     {"model": "sdxl", "method": "lora", "precision": "fp16", "gradient_checkpointing": True,
      "cache_text_embeddings": True},
+    # the other models' own code paths: FLUX's fp16-only clip (bf16 graphs), SD 3.5's buffer
+    {"model": "flux-dev", "method": "lora", "precision": "bf16", "resolution": 512},
+    {"model": "sd35-medium", "method": "full", "precision": "bf16", "gradient_checkpointing": True,
+     "optimizer": "adafactor"},
 ]
 
 METHODS = [{"method": "full"}, {"method": "dreambooth"}, {"method": "lora", "rank": 4},
@@ -49,6 +58,24 @@ def full_matrix() -> list[dict]:
     cases.append({"model": "sd15", "method": "lora", "precision": "fp16", "resolution": 1024})
     cases.append({"model": "sdxl", "method": "lora", "precision": "bf16", "attention": "eager",
                   "gradient_checkpointing": True})
+    return cases
+
+
+def other_models_matrix() -> list[dict]:
+    """The catalog's other models, as their users train them: FLUX.1-dev and SD 3.5 (bf16, with
+    checkpointing at 1024 px, LoRA plain and on a quantized base, LoKr, a full fine-tune) and
+    SD 2.1 (fp16 at 768 px). Their traces are recorded like SD 1.5's and SDXL's; this holds their
+    estimates to the same 3%."""
+    cases = []
+    for model in ("flux-dev", "sd35-medium", "sd35-large"):
+        gc = {"model": model, "precision": "bf16", "gradient_checkpointing": True}
+        cases += [{**gc, "method": "lora"}, {**gc, "method": "lora", "rank": 128, "batch_size": 2},
+                  {**gc, "method": "lora", "base_quant": "nf4"}, {**gc, "method": "lokr"},
+                  {**gc, "method": "full", "optimizer": "adafactor"},
+                  {"model": model, "precision": "bf16", "method": "lora", "resolution": 512}]
+    cases += [{"model": "sd21", "method": "lora", "precision": "fp16"},
+              {"model": "sd21", "method": "full", "precision": "fp16", "gradient_checkpointing": True},
+              {"model": "sd21", "method": "textual-inversion", "precision": "fp16"}]
     return cases
 
 

@@ -80,11 +80,19 @@ def split_quant(variant: str):
     return variant, BaseQuant.NONE
 
 
+BF16 = {Precision.FP16: Precision.BF16, Precision.FP16_PURE: Precision.BF16_PURE}
+
+
 def record_denoiser(model: ModelInfo, variant: str, attention: str = "sdpa") -> Graph:
+    """`variant` as VARIANTS name them, with the quantization, "-keep-<targets>" and, last,
+    "-bf16" (the 16-bit dtype is bfloat16, not float16: `ModelInfo.bf16_traces`)."""
     full_variant = variant
+    variant, bf16 = variant.removesuffix("-bf16"), variant.endswith("-bf16")
     variant, quant = split_quant(variant)
     variant, _, keep = variant.partition("-keep-")
     precision, trainable = VARIANTS[variant]
+    if bf16:
+        precision = BF16[precision]
     policy = DtypePolicy(precision)
     family = family_of(model)
     comp = model.denoiser
