@@ -18,8 +18,6 @@ from math import prod
 
 from vramplan.estimate.graph import Graph
 
-FAST = True     # sites appended column by column (`_instantiate`); False: op by op, the reference
-
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64": 8, "int32": 4,
             "int16": 2, "int8": 1, "uint8": 1, "bool": 1, "complex64": 8, "complex128": 16}
 
@@ -102,7 +100,6 @@ class _TemplatePlan:
     template (sites of the same sizes share one) instead of once per site."""
 
     def __init__(self, t: Concrete):
-        self.t = t
         self.x = t.inputs["x"]
         self.x_sid = t.t_sid[self.x]
         self.y = t.outputs["y"]
@@ -126,69 +123,6 @@ class _TemplatePlan:
                 cast = (_adapter_suffix(source), source.startswith("adapter:"))
             module = t.modules[op[1]]
             self.ops.append((name, cast, op[2], op[3], "." + module if module else ""))
-        self._instance()
-
-    def _instance(self) -> None:
-        """The site's new tensors, storages and ops in the order the per-op loop of `splice`
-        makes them when no autocast cast is taken from the cache (every site but a shared
-        adapter's later ones): sizes taken from the template, ids as codes that a site turns into
-        its own (`_instantiate`). A site then appends whole columns, not one tensor at a time."""
-        t, x, y_sid, end = self.t, self.x, self.y_sid, self.end
-        code = {x: -1}                            # template tid -> code: new j >= 0, x -1, base k -2-k
-        storage = {self.x_sid: -1}                # template sid -> code: new s >= 0, x -1, base k -2-k
-        for k, (tid, _) in enumerate(self.base):
-            code[tid] = -2 - k
-            storage[t.t_sid[tid]] = -2 - k
-        self.new_tids: list[int] = []             # template tid of each new tensor
-        self.new_sids: list[int] = []             # template sid of each new storage
-        self.tensor_storage: list[int] = []       # each new tensor's storage code
-
-        def coded(tid: int) -> int:
-            known = code.get(tid)
-            if known is None:
-                sid = t.t_sid[tid]
-                if sid not in storage:
-                    storage[sid] = len(self.new_sids)
-                    self.new_sids.append(sid)
-                self.tensor_storage.append(storage[sid])
-                known = code[tid] = len(self.new_tids)
-                self.new_tids.append(tid)
-            return known
-
-        self.op_codes = []                        # (name, module suffix, [(arg, code)], [code])
-        self.adapter_casts = []                   # (suffix, code of the cast) a later site may reuse
-        cast_codes: dict[str, int] = {}
-        for name, cast, ins, outs, suffix in self.ops:
-            if cast is not None and cast[1] and cast[0] in cast_codes:
-                code[outs[0]] = cast_codes[cast[0]]      # cast once per region: taken from the cache
-                continue
-            ins = [(arg, coded(tid)) for arg, tid in ins]
-            outs = [coded(tid) for tid in outs]
-            if cast is not None and cast[1]:
-                cast_codes[cast[0]] = outs[0]
-                self.adapter_casts.append((cast[0], outs[0]))
-            self.op_codes.append((name, suffix, ins, outs))
-        self.function_codes = [(f, [code[x] for x in f[3]], [code[x] for x in f[4]]) for f in t.functions]
-        self.y_code = code[self.y]
-        self.new_dtype = [t.t_dtype[tid] for tid in self.new_tids]
-        self.new_shape = [t.t_shape[tid] for tid in self.new_tids]
-        self.new_bytes = [t.t_bytes[tid] for tid in self.new_tids]
-        self.new_suffix = [self.param_suffix[tid] for tid in self.new_tids]
-        self.s_bytes = [t.s_bytes[sid] for sid in self.new_sids]
-        self.s_alloc, self.s_free = [], []        # relative op index, -1 / None as the host's
-        self.s_takes_output, self.s_cached = [], []   # new storage codes: y's, autocast's cache
-        for s, sid in enumerate(self.new_sids):
-            alloc, free = t.s_alloc[sid], t.s_free[sid]
-            self.s_alloc.append(alloc)
-            self.s_free.append(None)
-            if alloc != -1:
-                if sid == y_sid:
-                    self.s_takes_output.append(s)
-                elif free is not None and free <= end:
-                    self.s_free[-1] = free
-                else:
-                    self.s_cached.append(s)
-        self.module_suffixes = list(dict.fromkeys(suffix for _, suffix, _, _ in self.op_codes))
 
 
 def splice(host: Concrete, sites: list[Site]) -> Concrete:
@@ -214,7 +148,6 @@ def splice(host: Concrete, sites: list[Site]) -> Concrete:
     opname_idx = {n: i for i, n in enumerate(out.opnames)}
     module_idx = {n: i for i, n in enumerate(out.modules)}
     plans: dict[int, _TemplatePlan] = {}    # id(template) -> its plan (templates outlive the call)
-    op_names: dict[int, list] = {}          # id(plan) -> its ops' name indices in `out.opnames`
     new_index: dict[int, int] = {}          # host op index -> new op index (last emitted for it)
     replace: dict[int, int] = {}            # host tid -> tid that stands for it from now on
     pending_free: list = []                 # (new storage, host storage whose free it inherits)
@@ -241,21 +174,10 @@ def splice(host: Concrete, sites: list[Site]) -> Concrete:
         t = site.template
         plan = plans.get(id(t))
         if plan is None:
-            plan = plans[id(t)] = _template_plan(t)
-        adapter_prefix = site.adapter_prefix
-        if FAST and not any(adapter_prefix + suffix in cast_cache for suffix, _ in plan.adapter_casts):
-            names = op_names.get(id(plan))
-            if names is None:
-                names = op_names[id(plan)] = [_index(opname_idx, out.opnames, name) for name, _, _, _ in plan.op_codes]
-            y = _instantiate(plan, names, site, host_t_sid[out_tids[0]], replace.get(in_tids[0], in_tids[0]),
-                             [param_tid[site.prefix + rel] for _, rel in plan.base], k_site, path, out,
-                             module_idx, cast_cache, pending_free, pending_cache, origin_t, origin_s)
-            _remove_call(first, last, len(out_ops) - 1, host_ops, host_t_sid, host_s_alloc, new_index, out_s_alloc)
-            _take_over(out_tids, y, replace, tids_of_storage.get(host_t_sid[out_tids[0]], ()), out_t_sid)
-            i = last + 1
-            continue
+            plan = plans[id(t)] = _TemplatePlan(t)
         t_sid, t_s_alloc, t_s_free, t_s_bytes = t.t_sid, t.s_alloc, t.s_free, t.s_bytes
         t_dtype, t_shape, t_bytes, param_suffix = t.t_dtype, t.t_shape, t.t_bytes, plan.param_suffix
+        adapter_prefix = site.adapter_prefix
         tmap: dict[int, int] = {}
         smap: dict[int, int] = {}
         x_tid = replace.get(in_tids[0], in_tids[0])
@@ -332,8 +254,20 @@ def splice(host: Concrete, sites: list[Site]) -> Concrete:
             out.functions.append((f[0], start_new + f[1], start_new + f[2], [tmap[x] for x in f[3]],
                                   [tmap[x] for x in f[4]], *f[5:]))
         y = tmap[plan.y]
-        _remove_call(first, last, len(out_ops) - 1, host_ops, host_t_sid, host_s_alloc, new_index, out_s_alloc)
-        _take_over(out_tids, y, replace, tids_of_storage.get(host_out_sid, ()), out_t_sid)
+        # the host ops of this call, and what they allocated, are gone
+        last_new = len(out_ops) - 1
+        for k in range(first, last + 1):
+            new_index[k] = last_new
+            for tid in host_ops[k][3]:
+                sid = host_t_sid[tid]
+                if host_s_alloc[sid] == k:
+                    out_s_alloc[sid] = None
+        replace[out_tids[0]] = y
+        for host_out in out_tids[1:]:
+            replace[host_out] = y
+        # host tensors that view the call's output (reshapes after it) now view the template's
+        for tid in tids_of_storage.get(host_out_sid, ()):
+            out_t_sid[tid] = out_t_sid[y]
         i = last + 1
     # frees and markers in new op indices
     get_new = new_index.get
@@ -367,84 +301,6 @@ def splice(host: Concrete, sites: list[Site]) -> Concrete:
     out.outputs = {k: replace.get(v, v) for k, v in host.outputs.items()}
     out.origin = (_signature(sites), len(host_t_sid), len(host.s_bytes), tuple(origin_t), tuple(origin_s))
     return out
-
-
-def _index(index: dict, names: list, name: str) -> int:
-    """`name`'s index in `names` (appended when new), `index` its lookup."""
-    found = index.get(name)
-    if found is None:
-        found = index[name] = len(names)
-        names.append(name)
-    return found
-
-
-def _instantiate(plan: _TemplatePlan, names: list, site: Site, host_out_sid: int, x_tid: int, base_tids: list,
-                 k_site: int, path: str, out: Concrete, module_idx: dict, cast_cache: dict, pending_free: list,
-                 pending_cache: list, origin_t: list, origin_s: list) -> int:
-    """The template of `site` appended to `out` as `splice`'s per-op loop appends it (no cast
-    reused from the cache), column by column from the plan's instance (`_TemplatePlan._instance`);
-    returns the tid that takes over the call's output."""
-    t0, s0, start = len(out.t_sid), len(out.s_bytes), len(out.ops)
-    fixed = [x_tid] + base_tids                  # code -1 -> fixed[0], -2-k -> fixed[1 + k]
-    fixed_sids = [out.t_sid[tid] for tid in fixed]
-    out.t_sid.extend([s0 + c if c >= 0 else fixed_sids[~c] for c in plan.tensor_storage])
-    out.t_dtype.extend(plan.new_dtype)
-    out.t_shape.extend(plan.new_shape)
-    out.t_bytes.extend(plan.new_bytes)
-    prefix = site.adapter_prefix
-    out.t_param.extend([None if suffix is None else prefix + suffix for suffix in plan.new_suffix])
-    origin_t.extend([(k_site, tid) for tid in plan.new_tids])
-    out.s_bytes.extend(plan.s_bytes)
-    origin_s.extend([(k_site, sid) for sid in plan.new_sids])
-    out.s_alloc.extend([-1 if a == -1 else start + a for a in plan.s_alloc])
-    out.s_free.extend([None if f is None else start + f for f in plan.s_free])
-    pending_free.extend([(s0 + s, host_out_sid) for s in plan.s_takes_output])
-    pending_cache.extend([s0 + s for s in plan.s_cached])
-    modules = {suffix: _index(module_idx, out.modules, path + suffix) for suffix in plan.module_suffixes}
-    out.ops.extend([(name, modules[suffix], [(a, t0 + c if c >= 0 else fixed[~c]) for a, c in ins],
-                     [t0 + c if c >= 0 else fixed[~c] for c in outs])
-                    for name, (_, suffix, ins, outs) in zip(names, plan.op_codes)])
-    for suffix, c in plan.adapter_casts:
-        cast_cache[prefix + suffix] = t0 + c if c >= 0 else fixed[~c]
-    for f, ins, outs in plan.function_codes:
-        out.functions.append((f[0], start + f[1], start + f[2], [t0 + c if c >= 0 else fixed[~c] for c in ins],
-                              [t0 + c if c >= 0 else fixed[~c] for c in outs], *f[5:]))
-    c = plan.y_code
-    return t0 + c if c >= 0 else fixed[~c]
-
-
-def _remove_call(first: int, last: int, last_new: int, host_ops: list, host_t_sid: list, host_s_alloc: list,
-                 new_index: dict, out_s_alloc: list) -> None:
-    """The host ops of a spliced call, and what they allocated, are gone."""
-    for k in range(first, last + 1):
-        new_index[k] = last_new
-        for tid in host_ops[k][3]:
-            sid = host_t_sid[tid]
-            if host_s_alloc[sid] == k:
-                out_s_alloc[sid] = None
-
-
-def _take_over(out_tids: list, y: int, replace: dict, views: list, out_t_sid: list) -> None:
-    """The template's output `y` stands for the call's outputs from now on; host tensors that view
-    the call's output (reshapes after it) now view the template's."""
-    for host_out in out_tids:
-        replace[host_out] = y
-    for tid in views:
-        out_t_sid[tid] = out_t_sid[y]
-
-
-_PLANS: dict[int, tuple] = {}   # id(template) -> (template, its plan): templates are kept (lru) anyway
-
-
-def _template_plan(t: Concrete) -> _TemplatePlan:
-    known = _PLANS.get(id(t))
-    if known is not None and known[0] is t:
-        return known[1]
-    if len(_PLANS) > 8192:
-        _PLANS.clear()
-    plan = _TemplatePlan(t)
-    _PLANS[id(t)] = (t, plan)
-    return plan
 
 
 def _signature(sites: list[Site]) -> tuple:
