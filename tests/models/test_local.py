@@ -98,6 +98,7 @@ def test_tiny_sd_folder(tiny_sd, cache):
     assert (model.latent_channels, model.prediction) == (4, "v_prediction")
     assert model.text_lengths == {"text_encoder": 77}
     assert model.trainable_text_encoders == ("text_encoder",)
+    assert not model.bf16_traces
 
     inventories = load_model_inventories(model)
     assert {k: v.total_params for k, v in inventories.items()} == _counts(components)
@@ -171,7 +172,7 @@ def test_tiny_sdxl_folder(tmp_path):
     assert {k: v.total_params for k, v in inventories.items()} == _counts(components)
 
 
-def test_tiny_flux_folder(tmp_path):
+def test_tiny_flux_folder(tmp_path, cache):
     components = {
         "transformer": diffusers.FluxTransformer2DModel(
             patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
@@ -192,6 +193,16 @@ def test_tiny_flux_folder(tmp_path):
     assert {k: v.total_params for k, v in inventories.items()} == _counts(components)
     # T5's shared embedding is tied into the encoder: counted once, as torch does.
     assert any(m.tied for m in inventories["text_encoder_2"].modules)
+    # FLUX's blocks clip in fp16 only: a bf16 estimate records and replays bf16 graphs
+    assert model.bf16_traces
+    from vramplan.estimate import estimate
+    from vramplan.spec import build_spec
+
+    for precision, graph in (("bf16", "transformer.amp-frozen-bf16.sdpa"), ("fp16", "transformer.amp-frozen.sdpa")):
+        estimate(build_spec({"model": str(folder), "method": "lora", "rank": 2, "precision": precision,
+                             "resolution": 32, "cache_latents": True, "cache_text_embeddings": True}))
+        recorded = {p.name for p in (cache / "traces").rglob("transformer.*")}
+        assert f"{graph}.json.gz" in recorded, recorded
 
 
 def test_folder_errors(tiny_sd, tmp_path):

@@ -19,13 +19,14 @@ def attention_name(spec: TrainingSpec) -> str:
 
 def graph_for(spec: TrainingSpec, component: str, variant: str) -> Graph:
     """The recorded graph of `component` in `variant`; for a bf16 precision, the graph recorded
-    in bf16 where the catalog model has one (`ModelInfo.bf16_traces`: its denoiser's code
-    branches on float16)."""
+    in bf16 where the model has one (`ModelInfo.bf16_traces`: its denoiser's code branches on
+    float16; a local folder's are recorded on first use, as the family's catalog model's)."""
     model = spec.model
     local = getattr(model, "local_path", None)
     key = model.key if not local else model.base_model or model.key
+    recorded = model if local and not model.base_model else MODELS[key]
     if (component == model.denoiser.name and variant != "fp32" and spec.precision.low_dtype == "bfloat16"
-            and key in MODELS and MODELS[key].bf16_traces):
+            and recorded.bf16_traces):
         variant += "-bf16"
     name = f"{component}.{variant}.{attention_name(spec)}"
     if local and not model.base_model:

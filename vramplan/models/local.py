@@ -350,6 +350,8 @@ def _diffusers_model_info(path: Path) -> ModelInfo:
         text_lengths=text_lengths, prediction=prediction,
         trainable_text_encoders=tuple(n for n in defaults["trainable"] if n in present),
         local_path=str(path),
+        # the family's code branches on float16 as the catalog model's does (FLUX's clip)
+        bf16_traces=any(m.bf16_traces for m in MODELS.values() if m.family == family),
     )
     _folder_inventories(path, components, configs)  # validate now: errors surface at --model
     return info
