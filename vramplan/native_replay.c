@@ -51,6 +51,7 @@ typedef struct {           /* the graph, resolved to integers; see native_replay
     const int64_t *region_of, *region_end, *region_start;      /* per op: 0/1, region or -1 */
     int64_t n_functions;
     const int64_t *f_first, *f_last, *f_in_ptr, *f_in, *f_out_ptr, *f_out, *f_keep_ptr, *f_keep, *f_module;
+    const int64_t *f_held;         /* per function: keeps its saves in ctx until finish (HELD_BY_CTX) */
     const int64_t *function_of, *function_end;                /* per op: function or -1 */
     const int64_t *ws;
     int64_t loss, arg_input, arg_weight, arg_bias;
@@ -242,7 +243,8 @@ static void forward_ops(Replay *s, int64_t first, int64_t last, int recompute) {
             }
         }
         if (g->ws[4 * i] >= 0) workspace(s, i, WS_FORWARD);
-        if (fn >= 0 && i == g->f_last[fn] && inputs_rg && !in_region) {
+        int held = fn >= 0 && i == g->f_last[fn] && g->f_held[fn];
+        if (fn >= 0 && i == g->f_last[fn] && inputs_rg && (held ? !recompute : !in_region)) {
             int64_t at = s->pool.len;
             for (int64_t k = g->f_keep_ptr[fn]; k < g->f_keep_ptr[fn + 1]; k++) keep(s, i, g->f_keep[k], at, 0);
             s->sbo_at[i] = at;
@@ -454,7 +456,8 @@ static void backward(Replay *s) {
                 }
             }
         }
-        if (s->sbo_at[i] >= 0) {
+        int64_t ended = g->function_end ? g->function_end[i] : -1;
+        if (s->sbo_at[i] >= 0 && !(ended >= 0 && g->f_held[ended])) {     /* held ones: at finish */
             for (int64_t k = s->sbo_at[i]; k < s->sbo_at[i] + s->sbo_len[i]; k++) release(s, s->pool.v[k]);
             s->sbo_at[i] = -1;
         }

@@ -56,3 +56,16 @@ def test_every_bf16_graph_is_shipped():
         names = [name for name, _ in script.jobs(model) if "-bf16." in name]
         assert len(names) == 2 * (len(script.DENOISER_VARIANTS) - 1)
         assert all(trace_path(model.key, name).exists() for name in names)
+
+
+@pytest.mark.parametrize("model", ["flux-dev", "sd35-medium", "sd35-large"])
+def test_eager_attention_of_dispatcher_models_is_the_math_kernel(model):
+    """SD 3 and Flux route attention through diffusers' dispatcher: eager is SDPA's math kernel
+    (`step.attention.attention_context`), which keeps the scores; the recorder runs it too."""
+    denoiser = MODELS[model].denoiser.name
+    for variant in ("amp-frozen", "pure", "amp-frozen-nf4") + (("amp-frozen-bf16",) if MODELS[model].bf16_traces else ()):
+        sdpa, eager = (_ops(model, f"{denoiser}.{variant}.{a}") for a in ("sdpa", "eager"))
+        fused = [name for name in sdpa if "scaled_dot_product" in name]
+        assert fused, variant
+        assert not any("scaled_dot_product" in name for name in eager), variant
+        assert sum("softmax" in name for name in eager) >= len(fused), variant     # _safe_softmax

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from itertools import accumulate, chain, compress
 
 from vramplan import native
-from vramplan.estimate.autograd_rules import function_saves
+from vramplan.estimate.autograd_rules import function_saves, held_by_ctx
 from vramplan.estimate.concrete import Concrete
 from vramplan.estimate.conv_workspaces import workspace_bytes
 from vramplan.estimate.record_log import ColumnRows
@@ -56,7 +56,7 @@ class _Graph(ctypes.Structure):
                                      "region_end", "region_start")]
                 + [("n_functions", _I)]
                 + [(n, _P) for n in ("f_first", "f_last", "f_in_ptr", "f_in", "f_out_ptr", "f_out", "f_keep_ptr",
-                                     "f_keep", "f_module", "function_of", "function_end", "ws")]
+                                     "f_keep", "f_module", "f_held", "function_of", "function_end", "ws")]
                 + [(n, _I) for n in ("loss", "arg_input", "arg_weight", "arg_bias")]
                 + [("cat_code", _P)])
 
@@ -154,6 +154,7 @@ class _Structure:
             keeps.append(list(f[3]) if saves_ == "all" else [f[3][k] for k in saves_ if k < len(f[3])])
         self.f_keep_ptr, self.f_keep = _csr(keeps)
         self.f_module = _q([f[0] if isinstance(f[0], int) and f[0] < len(g.modules) else -1 for f in functions])
+        self.f_held = _q([held_by_ctx(f[5] if len(f) > 5 else "") for f in functions])
         function_of, function_end = [-1] * n, [-1] * n
         for k, f in enumerate(functions):
             function_of[f[1]:f[2] + 1] = [k] * (f[2] + 1 - f[1])
@@ -283,7 +284,7 @@ def replay(g: Concrete, options: ReplayOptions, check=None) -> NativeReplay | No
                  "save_kind", "save_value", "save_any", "trig_ptr", "trig_arg", "temp_ptr", "temp_arg", "temp_count",
                  "t_sid", "t_float", "t_param", "t_dtype", "t_role", "s_alloc", "s_param", "s_free",
                  "f_first", "f_last", "f_in_ptr", "f_in", "f_out_ptr", "f_out", "f_keep_ptr", "f_keep", "f_module",
-                 "function_of", "function_end"):
+                 "f_held", "function_of", "function_end"):
         setattr(graph, name, address(getattr(s, name)))
     graph.n_functions = s.n_functions
     if options.gradient_checkpointing:

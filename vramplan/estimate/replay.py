@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from vramplan.estimate.autograd_rules import ANY, Rule, function_saves, rule_for
+from vramplan.estimate.autograd_rules import ANY, Rule, function_saves, held_by_ctx, rule_for
 from vramplan.estimate.concrete import Concrete
 from vramplan.estimate.record_log import RecordLog
 from vramplan.estimate.conv_workspaces import backward_kind, conv_key, workspace_bytes
@@ -210,6 +210,7 @@ class Replayer:
         self.python_alive: dict[int, bool] = {}
         self.holds: dict[int, int] = {}
         self.saved_by_op: dict[int, list[int]] = {}
+        self.held_ops: set[int] = set()     # ops whose saves stay until `finish` (HELD_BY_CTX)
         self.input_records: dict[int, Record] = {}
 
     def _workspace(self, i: int, kind: str | None, phase: str, name: str, module: str) -> None:
@@ -319,8 +320,14 @@ class Replayer:
                         fresh[sid] = rec
             if i in conv_ops:
                 self._workspace(i, "forward", phase, name, modules[op[1]])
-            if function is not None and i == function[2] and inputs_rg and not in_region:
-                # what the Function keeps for backward (autograd_rules.FUNCTION_SAVES)
+            held = function is not None and i == function[2] and held_by_ctx(function[5] if len(function) > 5 else "")
+            if function is not None and i == function[2] and inputs_rg and (
+                    not recompute and held or not in_region and not held):
+                # what the Function keeps for backward (autograd_rules.FUNCTION_SAVES); kept in
+                # ctx attributes (HELD_BY_CTX), from the first forward until `finish`, checkpointed
+                # or not (a recomputation's own are let go with it)
+                if held:
+                    self.held_ops.add(i)
                 keeps = function_saves(function[5] if len(function) > 5 else "")
                 kept_inputs = (function[3] if keeps == "all"
                                else [function[3][k] for k in keeps if k < len(function[3])])
@@ -432,7 +439,7 @@ class Replayer:
 
         input_roles = {tid: role for role, tid in g.inputs.items()}
         region_end, region_start, function_end = self.region_end, self.region_start, self.function_end
-        saved_pop, op_info, modules = self.saved_by_op.pop, self.op_info, g.modules
+        saved_pop, op_info, modules, held_ops = self.saved_by_op.pop, self.op_info, g.modules, self.held_ops
         t_sid, param_sids, holds, python_alive, live = (self.t_sid, self.param_sids, self.holds,
                                                         self.python_alive, self.live)
         rg, t_float, t_dtype, t_bytes, t_param = self.rg, self.t_float, self.t_dtype, self.t_bytes, self.t_param
@@ -492,7 +499,7 @@ class Replayer:
                                         phase, name, module)
                     for t in outs:
                         drop(grads.pop(t))
-            saved = saved_pop(i, None)
+            saved = saved_pop(i, None) if i not in held_ops else None
             if saved:
                 for sid in saved:
                     # _release, inlined

@@ -16,7 +16,7 @@ from vramplan.simulate.fake import materialize
 from vramplan.simulate.record import Graph, GraphRecorder, no_saved_tensors
 from vramplan.simulate.variants import DtypePolicy
 from vramplan.spec import Precision
-from vramplan.step.attention import set_attention
+from vramplan.step.attention import attention_context, set_attention
 from vramplan.step.families import Conditioning, Shapes, family_of
 from vramplan.step.loading import build_component
 
@@ -134,7 +134,8 @@ def record_denoiser(model: ModelInfo, variant: str, attention: str = "sdpa") -> 
             noisy, timesteps, target = family.noise(model, latents, noise, rng=Shapes)
             del noise
             region = autocast_region(policy.low) if policy.autocast else contextlib.nullcontext()
-            with region:
+            # eager in dispatcher-based transformers (SD 3, Flux) is SDPA's math kernel, as the step runs it
+            with region, attention_context(attention):
                 pred = family.predict(model, denoiser, noisy, timesteps, Conditioning(cond))
             recorder.mark("autocast_exit")
             del noisy, timesteps
