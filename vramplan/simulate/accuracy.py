@@ -14,10 +14,10 @@ import time
 from dataclasses import dataclass
 
 TOLERANCE = 0.03
-# What the matrices measure: every case of the three within 0.25% once the estimate replays the
-# step's own graph (docs/accuracy/). The contract is TOLERANCE; a case past CLOSE is a modelling
-# error the contract lets through (FLUX's fp16-only clip replayed for bf16 was +0.93%, SD 3.5's
-# position table counted in fp32 with a gradient +2.51%), so the tests hold the cases to it.
+# What the matrices measure: every case of the three within 0.47%, all but FLUX on int8 within
+# 0.25% (docs/accuracy/). The contract is TOLERANCE; a case past CLOSE is a modelling error the
+# contract lets through (FLUX's fp16-only clip replayed for bf16 was +0.93%, SD 3.5's position
+# table counted in fp32 with a gradient +2.51%), so the tests hold the cases to it.
 CLOSE = 0.005
 
 MATRIX_CI = [
