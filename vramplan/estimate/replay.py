@@ -188,6 +188,8 @@ class Replayer:
             for i in range(f[1], f[2] + 1):
                 self.function_of[i] = f
             self.function_end[f[2]] = f
+        # last ops of the Functions that keep their saves in ctx until `finish` (HELD_BY_CTX)
+        self.held_ends = {f[2] for f in graph.functions if held_by_ctx(f[5] if len(f) > 5 else "")}
         n = len(t_sid)
         self.rg = [False] * n
         t_float = self.t_float
@@ -210,7 +212,6 @@ class Replayer:
         self.python_alive: dict[int, bool] = {}
         self.holds: dict[int, int] = {}
         self.saved_by_op: dict[int, list[int]] = {}
-        self.held_ops: set[int] = set()     # ops whose saves stay until `finish` (HELD_BY_CTX)
         self.input_records: dict[int, Record] = {}
 
     def _workspace(self, i: int, kind: str | None, phase: str, name: str, module: str) -> None:
@@ -273,6 +274,7 @@ class Replayer:
         rg, t_float, t_sid, t_param, s_alloc, s_bytes = (self.rg, self.t_float, self.t_sid, self.t_param,
                                                          g.s_alloc, self.storage_bytes)
         live, python_alive, holds, saved_by_op = self.live, self.python_alive, self.holds, self.saved_by_op
+        held_ends = self.held_ends
         param_sids, unknown_ops, saved_by_module = self.param_sids, self.result.unknown_ops, self.result.saved_by_module
         region_of, region_end, free_after, input_records = (self.region_of, self.region_end, self.free_after,
                                                             self.input_records)
@@ -320,14 +322,12 @@ class Replayer:
                         fresh[sid] = rec
             if i in conv_ops:
                 self._workspace(i, "forward", phase, name, modules[op[1]])
-            held = function is not None and i == function[2] and held_by_ctx(function[5] if len(function) > 5 else "")
+            held = i in held_ends
             if function is not None and i == function[2] and inputs_rg and (
-                    not recompute and held or not in_region and not held):
+                    not recompute if held else not in_region):
                 # what the Function keeps for backward (autograd_rules.FUNCTION_SAVES); kept in
                 # ctx attributes (HELD_BY_CTX), from the first forward until `finish`, checkpointed
                 # or not (a recomputation's own are let go with it)
-                if held:
-                    self.held_ops.add(i)
                 keeps = function_saves(function[5] if len(function) > 5 else "")
                 kept_inputs = (function[3] if keeps == "all"
                                else [function[3][k] for k in keeps if k < len(function[3])])
@@ -439,7 +439,7 @@ class Replayer:
 
         input_roles = {tid: role for role, tid in g.inputs.items()}
         region_end, region_start, function_end = self.region_end, self.region_start, self.function_end
-        saved_pop, op_info, modules, held_ops = self.saved_by_op.pop, self.op_info, g.modules, self.held_ops
+        saved_pop, op_info, modules, held_ends = self.saved_by_op.pop, self.op_info, g.modules, self.held_ends
         t_sid, param_sids, holds, python_alive, live = (self.t_sid, self.param_sids, self.holds,
                                                         self.python_alive, self.live)
         rg, t_float, t_dtype, t_bytes, t_param = self.rg, self.t_float, self.t_dtype, self.t_bytes, self.t_param
@@ -499,7 +499,7 @@ class Replayer:
                                         phase, name, module)
                     for t in outs:
                         drop(grads.pop(t))
-            saved = saved_pop(i, None) if i not in held_ops else None
+            saved = saved_pop(i, None) if i not in held_ends else None
             if saved:
                 for sid in saved:
                     # _release, inlined
