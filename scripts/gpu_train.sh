@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `vramplan train` on CUDA, end to end, on one lent H100 or H200: issue 5's last open check.
-# Prepared and dry-run on the CPU (DEVICE=cpu STEPS=2, see below); not yet run on a GPU.
+# Run on a lent H200 on 2026-11-26 (three calls, 212 + 316 + 85 s; the results are in README.md,
+# "fit and train"); dry-run on the CPU with TINY=1 DEVICE=cpu (see below).
 #
 # What it does, on the device machine (its image has torch, transformers, accelerate, pandas,
 # rich, matplotlib and nvidia-ml-py, but not diffusers nor peft: those come from .wheels/, as
@@ -16,6 +17,10 @@
 #        ti         estimate --method textual-inversion  STEPS steps
 #        db-24gb    fit --method dreambooth --gpu 24GB   STEPS/3 steps, class images
 #        full-bf16  estimate --method full --precision bf16 --gradient-checkpointing  STEPS/3 steps
+#        int8-adam8 estimate --method lora --base-quant int8 --optimizer adamw8bit     STEPS/3 steps
+#        nf4        estimate --method lora --base-quant nf4                             STEPS/3 steps
+#        sdxl-12gb  fit --model sdxl --method lora --gpu 12GB, on a random SDXL pipeline (1024 px)
+#                   STEPS/3 steps
 #      each prints the predicted peak (the plan's estimate) beside torch.cuda.max_memory_allocated
 #      and stores the run as a profile under ./profiles/ (train's store_profile);
 #   3. loads the LoRA (load_lora_weights) and the embedding (load_textual_inversion) into a
@@ -26,13 +31,19 @@
 # Prepare once, here, as for gpu_campaign.sh (the wheels travel because the call names them):
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #         --implementation cp --platform manylinux_2_28_x86_64 -d .wheels diffusers==0.42.1 peft==0.21.2
-# The device-tool call (about 6 minutes of the session's 15; give the machine back afterwards):
+# and bitsandbytes for the int8 / NF4 / 8-bit Adam cases (the device image has none), its wheel
+# (manylinux_2_24, 43 MB) repacked without the libraries for other CUDA and ROCm versions, to 7 MB:
+#     pip download ... --platform manylinux_2_24_x86_64 -d /tmp/bnb bitsandbytes==0.50.2; unzip it,
+#     keep libbitsandbytes_cpu/cuda130/cuda132.so, zip it again into .wheels/ under the same name
+# The device-tool call (the seven default cases take about 5 minutes on an H200, CASES=sdxl-12gb
+# alone 85 s; give the machine back afterwards):
 #     run(command="bash scripts/gpu_train.sh", carry=[".wheels"], timeout_s=540)
 # Dry run on a CPU, the same commands on examples/make_tiny_pipeline.py's pipeline (TINY=1: plans
 # made for that folder; a full-size SD 1.5 step takes minutes on two cores):
 #     TINY=1 DEVICE=cpu STEPS=3 OUT=/tmp/gpu-train bash scripts/gpu_train.sh
 #
-# Variables: STEPS (default 30), SIZE (image side, default 512), DEVICE (default cuda), TINY (1: the tiny pipeline),
+# Variables: CASES (which cases, in order; default all but the SDXL one: "lora-8gb resume ti
+# db-24gb full-bf16 int8-adam8 nf4"; add sdxl-12gb for SDXL), STEPS (default 30), SIZE (image side, default 512), DEVICE (default cuda), TINY (1: the tiny pipeline),
 # CASE_SECONDS (each case's limit, default 150), TOTAL_SECONDS (default 500: no case starts
 # after), WORK (default /tmp/vramplan-train), OUT (set by the device tool).
 
@@ -48,6 +59,7 @@ TOTAL_SECONDS=${TOTAL_SECONDS:-500}
 WORK=${WORK:-/tmp/vramplan-train}
 OUT=${OUT:-out/gpu-train}
 SITE=/tmp/vramplan-site
+CASES=${CASES:-lora-8gb resume ti db-24gb full-bf16 int8-adam8 nf4}
 EVERY=$(( STEPS / 3 > 0 ? STEPS / 3 : 1 ))
 SHORT=$(( STEPS / 3 > 0 ? STEPS / 3 : 1 ))
 
@@ -82,9 +94,12 @@ if [ "${TINY:-0}" = 1 ]; then
     say "writing the tiny pipeline and images"
     python3 "$REPO/examples/make_tiny_pipeline.py" "$WORK/data" || { say "no pipeline"; exit 1; }
     PLAN_MODEL=$WORK/data/model
+elif [ "$CASES" = sdxl-12gb ]; then
+    PLAN_MODEL=sd15    # SDXL alone: no SD 1.5 pipeline needed
 else
     say "writing a random SD 1.5 pipeline and images ($SIZE px)"
-    python3 "$REPO/scripts/make_random_pipeline.py" "$WORK/data" --images 8 --size "$SIZE" || { say "no pipeline"; exit 1; }
+    python3 "$REPO/scripts/make_random_pipeline.py" "$WORK/data" --images 8 --size "$SIZE" --device "$DEVICE" \
+        || { say "no pipeline"; exit 1; }
     PLAN_MODEL=sd15
 fi
 MODEL=$WORK/data/model
@@ -105,7 +120,8 @@ run_case() {
     local start=$(date +%s)
     say "$name: train $* (at most $limit s)"
     timeout --signal=INT --kill-after=10 "$limit" \
-        $VP train --plan "$WORK/$name-plan.json" --model "$MODEL" --data "$IMAGES" --output "$WORK/run-$name" \
+        $VP train --plan "$WORK/$name-plan.json" --model "${CASE_MODEL:-$MODEL}" --data "${CASE_IMAGES:-$IMAGES}" \
+        --output "$WORK/run-$name" \
         --device "$DEVICE" "$@"
     local code=$?
     record "$name" "$code" $(( $(date +%s) - start ))
@@ -134,7 +150,9 @@ profiles = sorted((work / "profiles").rglob("*.json"), key=lambda p: p.stat().st
 if profiles and profiles[-1].stat().st_mtime >= (run.stat().st_mtime - 600 if run.is_file() else 0):
     profile = json.loads(profiles[-1].read_text())
     line.update(profile=str(profiles[-1].relative_to(work)), measured_peak_allocated_bytes=profile.get("peak_allocated_bytes"),
-                measured_peak_reserved_bytes=profile.get("peak_reserved_bytes"))
+                measured_peak_reserved_bytes=profile.get("peak_reserved_bytes"),
+                measured_load_peak_allocated_bytes=next((p["peak_allocated_bytes"] for p in profile.get("phases", ())
+                                                         if p.get("phase") == "load"), None))
     if line.get("predicted_peak_allocated_bytes") and line.get("measured_peak_allocated_bytes"):
         line["error"] = round(line["predicted_peak_allocated_bytes"] / line["measured_peak_allocated_bytes"] - 1, 4)
 print(json.dumps(line))
@@ -142,10 +160,12 @@ EOF
     say "$1: exit code $2 in $3 s: $(tail -1 "$SUMMARY")"
 }
 
-run_case lora-8gb "fit --model $PLAN_MODEL --method lora --gpu 8GB" -- --steps "$STEPS" --checkpoint-every "$EVERY"
+wants() { [[ " $CASES " == *" $1 "* ]]; }
+
+wants lora-8gb && run_case lora-8gb "fit --model $PLAN_MODEL --method lora --gpu 8GB" -- --steps "$STEPS" --checkpoint-every "$EVERY"
 
 # resume: killed once the first checkpoint is on disk, then continued
-if (( TOTAL_SECONDS - $(elapsed) > 60 )); then
+if wants resume && (( TOTAL_SECONDS - $(elapsed) > 60 )); then
     say "resume: a run killed after its first checkpoint"
     cp "$WORK/lora-8gb-plan.json" "$WORK/resume-plan.json" 2>/dev/null \
         || $VP fit --model "$PLAN_MODEL" --method lora --gpu 8GB --json > "$WORK/resume-plan.json"
@@ -165,13 +185,32 @@ if (( TOTAL_SECONDS - $(elapsed) > 60 )); then
     record resume $? $(( $(date +%s) - start ))
 fi
 
-run_case ti "estimate --model $PLAN_MODEL --method textual-inversion" -- --steps "$STEPS" --checkpoint-every 0
-run_case db-24gb "fit --model $PLAN_MODEL --method dreambooth --gpu 24GB" -- --steps "$SHORT" --checkpoint-every 0 \
+wants ti && run_case ti "estimate --model $PLAN_MODEL --method textual-inversion" -- --steps "$STEPS" --checkpoint-every 0
+wants db-24gb && run_case db-24gb "fit --model $PLAN_MODEL --method dreambooth --gpu 24GB" -- --steps "$SHORT" --checkpoint-every 0 \
     --class-data "$IMAGES" --class-prompt "a shape" --instance-prompt "a sks shape"
-run_case full-bf16 "estimate --model $PLAN_MODEL --method full --precision bf16 --gradient-checkpointing" -- \
+wants full-bf16 && run_case full-bf16 "estimate --model $PLAN_MODEL --method full --precision bf16 --gradient-checkpointing" -- \
     --steps "$SHORT" --checkpoint-every 0
 
+wants int8-adam8 && run_case int8-adam8 "estimate --model $PLAN_MODEL --method lora --base-quant int8 --optimizer adamw8bit" -- \
+    --steps "$SHORT" --checkpoint-every 0
+wants nf4 && run_case nf4 "estimate --model $PLAN_MODEL --method lora --base-quant nf4" -- --steps "$SHORT" --checkpoint-every 0
+if wants sdxl-12gb && (( TOTAL_SECONDS - $(elapsed) > 120 )); then
+    if [ "${TINY:-0}" = 1 ]; then
+        say "sdxl-12gb: no tiny SDXL pipeline here; skipped"
+    else
+        say "writing a random SDXL pipeline and images (1024 px)"
+        if python3 "$REPO/scripts/make_random_pipeline.py" "$WORK/xl" --model sdxl --images 4 --size 1024 \
+                --device "$DEVICE"; then
+            CASE_MODEL=$WORK/xl/model CASE_IMAGES=$WORK/xl/images \
+                run_case sdxl-12gb "fit --model sdxl --method lora --gpu 12GB" -- --steps "$SHORT" --checkpoint-every 0
+        else
+            say "sdxl-12gb: no pipeline"
+        fi
+    fi
+fi
+
 say "loading the LoRA and the embedding into a pipeline"
+if [ -d "$MODEL" ]; then
 timeout 120 python3 - "$MODEL" "$WORK" "$DEVICE" <<'EOF'
 import sys
 from pathlib import Path
@@ -197,6 +236,9 @@ if emb.is_file():
           float((image(pipe, "a <sks> square") - image(pipe, "a square")).abs().mean()))
 EOF
 say "loading: exit code $?"
+else
+    say "loading: no SD 1.5 pipeline here, skipped"
+fi
 
 tar -czf "$OUT/profiles.tar.gz" -C "$WORK" profiles
 cp "$WORK"/*-plan.json "$OUT/" 2>/dev/null

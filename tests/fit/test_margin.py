@@ -33,6 +33,15 @@ def test_the_cards_profiles_give_the_band(store, monkeypatch):
     assert safety_margin(roots=[store], card="h200").fraction == band
 
 
+def test_a_profile_without_device_used_does_not_count(store):
+    """`vramplan train`'s profiles have no NVML sample: they add no device-used case."""
+    before = safety_margin(roots=[store], card="h200").fraction
+    name = "sd15-lora-r16-fp16-nf4-b1-512-f5edbeb4.json"
+    shutil.copy(STORE / "h200" / name, store / "h200" / name)
+    margin = safety_margin(roots=[store], card="h200")
+    assert margin.fraction == before and "2 CUDA profile(s)" in margin.source
+
+
 def test_other_cards_and_sizes_get_the_default(store):
     for card in ("rtx4090", "8GB", None, "cpu"):
         margin = safety_margin(roots=[store], card=card)

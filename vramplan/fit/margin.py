@@ -60,28 +60,29 @@ def _cache_file(files: list[Path]) -> Path:
     return cache_root() / "fit-margin" / f"{digest.hexdigest()[:16]}.json"
 
 
-def measured_band(root: Path, card: str) -> float | None:
+def measured_band(root: Path, card: str) -> tuple[float | None, int]:
     """The largest |error| of the estimate's device used over the CUDA profiles of `card` in the
-    store `root`."""
+    store `root`, and how many profiles had a device-used reading (train's have none)."""
     files = _cuda_files(root, card)
     if not files:
-        return None
+        return None, 0
     cache = _cache_file(files)
     if cache.is_file():
         try:
-            return json.loads(cache.read_text())["band"]
+            data = json.loads(cache.read_text())
+            return data["band"], data["cases"]
         except (OSError, ValueError, KeyError):
             pass
     try:
         from vramplan.profile.validate import Metric, validate
     except ImportError:
-        return None
+        return None, 0
     result = validate(root, simulate=False, card=card)
     rows = [r for r in result.summary if r.device == "cuda" and r.source == "estimate"
             and r.metric is Metric.DEVICE_USED]
-    band = rows[0].max_abs_error if rows else None
-    write_atomic(cache, json.dumps({"band": band, "profiles": len(files)}).encode())   # unwritable: made again
-    return band
+    band, cases = (rows[0].max_abs_error, rows[0].count) if rows else (None, 0)
+    write_atomic(cache, json.dumps({"band": band, "cases": cases, "profiles": len(files)}).encode())   # unwritable: made again
+    return band, cases
 
 
 def safety_margin(override: float | None = None, roots: list[Path] | None = None,
@@ -95,11 +96,10 @@ def safety_margin(override: float | None = None, roots: list[Path] | None = None
         if not (root / card).is_dir():
             continue
         try:
-            band = measured_band(root, card)
+            band, count = measured_band(root, card)
         except Exception:  # a broken store must not stop fit; validate names such files itself
             band = None
         if band is not None and 0 <= band < 1:
-            count = len(_cuda_files(root, card))
             return SafetyMargin(band, f"the estimate's largest device-used error over {count} CUDA "
                                       f"profile(s) in {root / card} (vramplan validate)")
     return SafetyMargin(DEFAULT_MARGIN, DEFAULT_SOURCE)

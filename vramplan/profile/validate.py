@@ -25,7 +25,7 @@ from typing import Callable
 from vramplan.errors import UsageError
 from vramplan.footprint import Category
 from vramplan.gpus import CATALOG, Gpu
-from vramplan.profile.result import Profile
+from vramplan.profile.result import MeasuredGpu, Profile, slugify
 from vramplan.profile.store import StoredProfile, load_profiles
 
 SOURCES = ("estimate", "simulate")
@@ -175,15 +175,17 @@ def predict_case(item: StoredProfile, sources=SOURCES) -> CaseResult:
 
 def gpu_of(profile: Profile) -> Gpu | None:
     """The catalog's entry for the card a CUDA profile ran on, or one made from what it measured."""
-    gpu = profile.gpu
-    if gpu is None:
-        return None
+    return None if profile.gpu is None else gpu_for(profile.gpu)
+
+
+def gpu_for(gpu: MeasuredGpu, source: str = "measured by vramplan profile") -> Gpu:
+    """The catalog's entry for a card torch reported, or one made from what it reported."""
     if gpu.catalog_key in CATALOG:
         return CATALOG[gpu.catalog_key]
     cc = gpu.compute_capability
     bf16 = cc is not None and int(cc.split(".")[0]) >= 8
-    return Gpu(key=profile.gpu_key, name=gpu.name, memory_bytes=gpu.memory_bytes, bf16=bf16,
-               compute_capability=cc, source="measured by vramplan profile")
+    return Gpu(key=gpu.catalog_key or slugify(gpu.name.removeprefix("NVIDIA ")), name=gpu.name,
+               memory_bytes=gpu.memory_bytes, bf16=bf16, compute_capability=cc, source=source)
 
 
 def _predict_cuda(spec, source: str) -> Prediction:

@@ -28,7 +28,7 @@ from vramplan.methods.base import keep_lycoris_layers_in_eval
 from vramplan.models.inventory import load_model_inventories
 from vramplan.precision import frozen_dtype, trainable_dtype, vae_dtype
 from vramplan.simulate.variants import DTYPES
-from vramplan.spec import BaseQuant, Optimizer, Precision, TrainingSpec
+from vramplan.spec import BaseQuant, TrainingSpec
 from vramplan.step.attention import attention_context, set_attention
 from vramplan.step.families import Conditioning, Random, Shapes, family_of
 from vramplan.step.loading import build_component, load_component
@@ -202,22 +202,28 @@ def build_step(spec: TrainingSpec, device: str = "fake", weights: Path | None = 
     resident = _resident(spec)
     build_on = "meta" if device == "fake" else device
     models = {}
+    quantized_denoiser = spec.base_quant is not BaseQuant.NONE
     for comp in model.components:
         if comp.name not in resident:
             continue
         if weights is not None:
-            module = load_component(Path(weights), comp, attention=spec.attention.value).to(build_on)
+            module = load_component(Path(weights), comp, dtype=load_dtype(spec, comp.name, method, inventories),
+                                    attention=spec.attention.value)
+            if not (quantized_denoiser and comp is model.denoiser):
+                module = module.to(build_on)   # else it reaches the device layer by layer, quantized
         else:
             module = build_component(model, comp, build_on, attention=spec.attention.value)
         set_attention(module, spec.attention.value, real_xformers=device == "cuda")
         models[comp.name] = module
-    if spec.base_quant is not BaseQuant.NONE:
+    if quantized_denoiser:
         from vramplan.step.quantize import quantize_linears
 
         denoiser = models[model.denoiser.name]
-        if device != "fake":
-            denoiser.to(DTYPES[frozen_dtype(spec)])
+        if device != "fake" and weights is None:
+            denoiser.to(DTYPES[frozen_dtype(spec)])   # random weights are built in float32
         quantize_linears(denoiser, spec.base_quant, DTYPES[spec.precision.low_dtype], build_on)
+        if device != "fake":
+            denoiser.to(build_on)   # what is not a Linear: loaded on the CPU when weights came from disk
     method.apply(spec, models, inventories)
     for name, module in models.items():
         trains = any(p.requires_grad for p in module.parameters())
@@ -269,6 +275,20 @@ def build_step(spec: TrainingSpec, device: str = "fake", weights: Path | None = 
                 if buf.is_floating_point():
                     buf.data = buf.data.to(DTYPES[vae_dtype(spec) if name == "vae" else frozen_dtype(spec)])
     return _finish(spec, device, models, inventories, None)
+
+
+def load_dtype(spec: TrainingSpec, component: str, method, inventories) -> torch.dtype:
+    """The dtype a component is read from disk in, on the CPU, before it moves to the device.
+
+    diffusers reads a model in float32 unless told otherwise, and moving that to the GPU before
+    casting put the whole fp32 model there first: `train` on H200, SD 1.5 LoRA in bf16 from an
+    fp16 folder, peaked at 3.85 GiB while loading against 3.22 GiB in its steps. Frozen weights
+    are read straight in the dtype the step keeps them in; a component whose own weights train
+    (full fine-tune, a trained text encoder) in the trained dtype, so no precision is lost."""
+    trained = {t.name for t in method.trainable_tensors(spec, inventories).get(component, [])}
+    if trained & {name for name, _ in inventories[component].params}:
+        return DTYPES[trainable_dtype(spec)]
+    return DTYPES[vae_dtype(spec) if component == "vae" else frozen_dtype(spec)]
 
 
 def trainable_parameters(models: dict) -> list:

@@ -11,9 +11,7 @@ MALLOC_MMAP_THRESHOLD_=65536 set before Python starts.
 from __future__ import annotations
 
 import os
-import re
 import time
-from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
@@ -24,8 +22,19 @@ from vramplan.units import format_bytes
 
 
 class MemoryMeter:
+    """Two spans: loading (models read, caches encoded, a checkpoint restored) and the steps.
+
+    The estimate predicts the steps, so `peak()` is theirs once `start_steps()` has been called;
+    loading's peak is kept apart (`load_peak`), as `vramplan profile` keeps its "load" phase
+    apart. On a CPU whose kernel will not reset the high-water mark, the steps' peak includes
+    loading (`split` False) and the report says so."""
+
     def __init__(self, device: str):
         self.device = device
+        self.load_peak: int | None = None
+        self.load_peak_reserved: int | None = None
+        self.split = True
+        self._steps: tuple[int, int | None] | None = None
         if device == "cuda":
             import torch
 
@@ -37,6 +46,20 @@ class MemoryMeter:
             self.baseline = rss_bytes()
             self.kind = "RSS"
 
+    def start_steps(self) -> None:
+        """Close the loading span and start counting the steps' peak from what is held now."""
+        self.load_peak, self.load_peak_reserved = self._peak_now(), self._reserved_now()
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.split = reset_peak_rss()
+
+    def end_steps(self) -> None:
+        """Freeze the steps' peaks (saving the result afterwards is not a step)."""
+        self._steps = (self._peak_now(), self._reserved_now())
+
     def current(self) -> int:
         if self.device == "cuda":
             import torch
@@ -45,13 +68,19 @@ class MemoryMeter:
         return max(rss_bytes() - self.baseline, 0)
 
     def peak(self) -> int:
+        return self._steps[0] if self._steps is not None else self._peak_now()
+
+    def peak_reserved(self) -> int | None:
+        return self._steps[1] if self._steps is not None else self._reserved_now()
+
+    def _peak_now(self) -> int:
         if self.device == "cuda":
             import torch
 
             return torch.cuda.max_memory_allocated()
         return max(peak_rss_bytes() - self.baseline, 0)
 
-    def peak_reserved(self) -> int | None:
+    def _reserved_now(self) -> int | None:
         if self.device == "cuda":
             import torch
 

@@ -43,7 +43,9 @@ class TrainResult:
     files: list = field(default_factory=list)
     final_loss: float | None = None
     predicted_peak_bytes: int | None = None
-    measured_peak_bytes: int | None = None
+    measured_peak_bytes: int | None = None      # the steps' (what the estimate predicts)
+    load_peak_bytes: int | None = None          # reading the models, encoding caches, resuming
+    predicted_for: str | None = None            # the card the prediction was made for (CUDA)
     measured_kind: str = "GPU"
     device: str = "cpu"
     seconds: float = 0.0
@@ -232,7 +234,6 @@ class Run:
 
     # -- the run -------------------------------------------------------------------------------
     def execute(self) -> TrainResult:
-        import torch
 
         from vramplan.step.build import build_step
         from vramplan.train import checkpoint, data
@@ -299,6 +300,7 @@ class Run:
             self.class_sampler = data.Sampler(len(self.classes), spec.batch_size, options.seed + 1)
         accumulation = spec.gradient_accumulation_steps
         loss_value = None
+        meter.start_steps()
         with progress_bar(enabled=options.progress and self.is_main) as progress:
             task = progress.add_task("train", total=options.steps, completed=step, loss="-",
                                      memory=meter.label(), started=time.perf_counter(), first=step)
@@ -333,6 +335,7 @@ class Run:
                     if rank is not None:
                         rank.wait()
 
+        meter.end_steps()
         from vramplan.train.save import save_result
 
         ranks = rank.gather(rank.summary(self.built, self.seen)) if rank is not None else None
@@ -355,23 +358,33 @@ class Run:
                                    "the result is rank 0's")
         write_run(output, run_info)
         result = TrainResult(steps=step, files=files, final_loss=loss_value, measured_peak_bytes=meter.peak(),
-                             measured_kind=meter.kind, device=device, seconds=time.perf_counter() - started,
+                             load_peak_bytes=meter.load_peak, measured_kind=meter.kind, device=device, seconds=time.perf_counter() - started,
                              skipped_images=len(self.instance.skipped) + (len(self.classes.skipped)
                                                                           if self.classes else 0))
-        result.predicted_peak_bytes = self.predicted_peak()
-        result.profile = store_profile(spec, result, meter) if rank is None else None
+        card = running_gpu() if device == "cuda" else None
+        result.predicted_peak_bytes = self.predicted_peak(card)
+        result.predicted_for = card.name if card is not None else None
+        result.profile = store_profile(spec, result, meter, card) if rank is None else None
         self.report(result, meter)
         if rank is not None:
             rank.finish()
         return result
 
-    def predicted_peak(self) -> int | None:
+    def predicted_peak(self, card=None) -> int | None:
         """The analytic estimate's peak allocated for the plan (catalog model when the folder
-        matches one: same architecture, same bytes; else the folder's own graphs)."""
+        matches one: same architecture, same bytes; else the folder's own graphs), on `card`
+        (a MeasuredGpu) when the run is on CUDA: cuBLAS' and cuDNN's workspaces depend on the
+        card, and a plan made for "8GB" names none (H200, SD 1.5 LoRA: 3.18 GiB for "8GB",
+        3.23 GiB for the H200, 3.22 GiB measured)."""
         try:
             from vramplan.estimate import estimate
 
-            return estimate(self.spec).footprint.peak_allocated_bytes
+            spec = self.spec
+            if card is not None:
+                from vramplan.profile.validate import gpu_for
+
+                spec = spec.replace(gpu=gpu_for(card, source="reported by torch"))
+            return estimate(spec).footprint.peak_allocated_bytes
         except Exception as error:  # a prediction is a courtesy here: never fail a finished run
             self.console.print(f"[yellow]note:[/] no prediction: {error}")
             return None
@@ -387,8 +400,13 @@ class Run:
         what = "torch.cuda.max_memory_allocated()" if result.device == "cuda" else \
             "peak RSS above the process before loading (CPU)"
         if result.predicted_peak_bytes is not None:
-            table.add_row("predicted peak", format_bytes(result.predicted_peak_bytes), "estimate: peak allocated")
-        table.add_row("measured peak", format_bytes(result.measured_peak_bytes), what)
+            table.add_row("predicted peak", format_bytes(result.predicted_peak_bytes),
+                          "estimate: peak allocated" + (f", for this {result.predicted_for}" if result.predicted_for else ""))
+        table.add_row("measured peak", format_bytes(result.measured_peak_bytes),
+                      what + (", steps only" if meter.split else ", loading included (the kernel keeps its high-water mark)"))
+        if result.load_peak_bytes is not None:
+            table.add_row("loading peak", format_bytes(result.load_peak_bytes),
+                          "before the first step: models read, caches encoded")
         if result.predicted_peak_bytes and result.measured_peak_bytes:
             error = result.predicted_peak_bytes / result.measured_peak_bytes - 1
             table.add_row("difference", f"{100 * error:+.1f}%", "predicted vs measured")
@@ -414,30 +432,44 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def store_profile(spec: TrainingSpec, result: TrainResult, meter, root: Path = Path("profiles")):
+def running_gpu():
+    """The CUDA card this process runs on, as a profile records it."""
+    import torch
+
+    from vramplan.profile.measure import catalog_key_for
+    from vramplan.profile.result import MeasuredGpu
+
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return MeasuredGpu(name=str(props.name), memory_bytes=int(props.total_memory),
+                       compute_capability=f"{props.major}.{props.minor}",
+                       catalog_key=catalog_key_for(str(props.name), int(props.total_memory)))
+
+
+def store_profile(spec: TrainingSpec, result: TrainResult, meter, gpu=None, root: Path = Path("profiles")):
     """A CUDA run's measured peaks as a profile in the store (vramplan.profile.store), closing
     the loop with `vramplan validate`: only where that module exists and its folder (`profiles/`
     in the working folder) does too, and never over a profile measured by `vramplan profile`."""
     if result.device != "cuda" or not root.is_dir():
         return None
     try:
-        from vramplan.profile.measure import catalog_key_for, collect_environment
-        from vramplan.profile.result import MeasuredGpu, Profile
+        from vramplan.profile.measure import collect_environment
+        from vramplan.profile.result import PhaseMeasure, Profile
         from vramplan.profile.store import ProfileExists, save_profile
     except ImportError:
         return None
     import torch
 
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    gpu = MeasuredGpu(name=str(props.name), memory_bytes=int(props.total_memory),
-                      compute_capability=f"{props.major}.{props.minor}",
-                      catalog_key=catalog_key_for(str(props.name), int(props.total_memory)))
+    gpu = gpu or running_gpu()
+    phases = [PhaseMeasure("steps", result.measured_peak_bytes, meter.peak_reserved())]
+    if meter.load_peak is not None:
+        phases.insert(0, PhaseMeasure("load", meter.load_peak, meter.load_peak_reserved))
     profile = Profile(spec=spec.to_json(), device="cuda", fits=True,
                       peak_allocated_bytes=result.measured_peak_bytes,
                       peak_reserved_bytes=meter.peak_reserved(), gpu=gpu, steps=result.steps,
-                      capacity_bytes=int(props.total_memory), environment=collect_environment(torch),
-                      measured_at=_now(), notes=("measured by vramplan train over a whole run "
-                                                 "(real images; no NVML sample)",))
+                      capacity_bytes=gpu.memory_bytes, environment=collect_environment(torch),
+                      measured_at=_now(), phases=tuple(phases),
+                      notes=("measured by vramplan train over a whole run (real images; no NVML sample); "
+                             "the totals are the steps', the load phase is kept apart",))
     try:
         return save_profile(profile, root)
     except ProfileExists:
