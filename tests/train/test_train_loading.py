@@ -26,9 +26,9 @@ def _loaded_dtypes(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("method,precision,unet", [("lora", "bf16", torch.bfloat16), ("lora", "fp16", torch.float16),
-                                                    ("full", "bf16", torch.float32), ("full", "bf16-pure", torch.bfloat16),
-                                                    ("textual-inversion", "fp16", torch.float16)])
+@pytest.mark.parametrize("method,precision,unet", [
+    ("lora", "bf16", torch.bfloat16), ("lora", "fp16", torch.float16), ("full", "bf16", torch.float32),
+    ("full", "bf16-pure", torch.bfloat16), ("textual-inversion", "fp16", torch.float16)])
 def test_components_are_read_in_the_dtype_the_step_keeps(tiny, kit, monkeypatch, method, precision, unet):
     model, _ = tiny
     seen = _loaded_dtypes(monkeypatch)

@@ -81,7 +81,8 @@ def measured_band(root: Path, card: str) -> tuple[float | None, int]:
     rows = [r for r in result.summary if r.device == "cuda" and r.source == "estimate"
             and r.metric is Metric.DEVICE_USED]
     band, cases = (rows[0].max_abs_error, rows[0].count) if rows else (None, 0)
-    write_atomic(cache, json.dumps({"band": band, "cases": cases, "profiles": len(files)}).encode())   # unwritable: made again
+    # unwritable: made again next time
+    write_atomic(cache, json.dumps({"band": band, "cases": cases, "profiles": len(files)}).encode())
     return band, cases
 
 

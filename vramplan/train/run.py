@@ -234,7 +234,6 @@ class Run:
 
     # -- the run -------------------------------------------------------------------------------
     def execute(self) -> TrainResult:
-
         from vramplan.step.build import build_step
         from vramplan.train import checkpoint, data
         from vramplan.train.progress import MemoryMeter, progress_bar
@@ -358,7 +357,8 @@ class Run:
                                    "the result is rank 0's")
         write_run(output, run_info)
         result = TrainResult(steps=step, files=files, final_loss=loss_value, measured_peak_bytes=meter.peak(),
-                             load_peak_bytes=meter.load_peak, measured_kind=meter.kind, device=device, seconds=time.perf_counter() - started,
+                             load_peak_bytes=meter.load_peak, measured_kind=meter.kind, device=device,
+                             seconds=time.perf_counter() - started,
                              skipped_images=len(self.instance.skipped) + (len(self.classes.skipped)
                                                                           if self.classes else 0))
         card = running_gpu() if device == "cuda" else None
@@ -401,9 +401,11 @@ class Run:
             "peak RSS above the process before loading (CPU)"
         if result.predicted_peak_bytes is not None:
             table.add_row("predicted peak", format_bytes(result.predicted_peak_bytes),
-                          "estimate: peak allocated" + (f", for this {result.predicted_for}" if result.predicted_for else ""))
+                          "estimate: peak allocated"
+                          + (f", for this {result.predicted_for}" if result.predicted_for else ""))
         table.add_row("measured peak", format_bytes(result.measured_peak_bytes),
-                      what + (", steps only" if meter.split else ", loading included (the kernel keeps its high-water mark)"))
+                      what + (", steps only" if meter.split
+                              else ", loading included (the kernel keeps its high-water mark)"))
         if result.load_peak_bytes is not None:
             table.add_row("loading peak", format_bytes(result.load_peak_bytes),
                           "before the first step: models read, caches encoded")
