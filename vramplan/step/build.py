@@ -138,12 +138,15 @@ class BuiltStep:
         else:
             scaled.backward()
         del scaled
+        # the graph goes now, not after the optimizer: what autograd Functions keep on ctx rather
+        # than save for backward (bitsandbytes' int8 matmul keeps its input) goes with it
+        loss = loss.detach()
         if not update:
-            return loss.detach()
+            return loss
 
         hook("optimizer")
         self.update()
-        return loss.detach()
+        return loss
 
     def update(self, clip_grad_norm=None) -> None:
         """The optimizer step: unscale, clip to norm 1, step, zero the gradients, EMA. The one
