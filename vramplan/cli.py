@@ -1262,9 +1262,11 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 def train_command(args: argparse.Namespace) -> int:
     """Fine-tune with the plan's settings and the step every tier shares, on CUDA when there is
     one: progress with loss, speed, ETA and memory; checkpoints every --checkpoint-every steps
-    (--resume continues); at the end the predicted and the measured peak, and the result saved
-    as diffusers loads it (LoRA / LoHa / LoKr weights, textual-inversion embeddings, or the
-    pipeline folder of a full fine-tune).
+    (--resume continues); at the end the steps' measured peak beside the estimate's (on CUDA,
+    predicted for the card it ran on), loading's peak apart, and the result saved as diffusers
+    loads it (LoRA / LoHa / LoKr weights, textual-inversion embeddings, or the pipeline folder
+    of a full fine-tune). On CUDA, with a profiles/ folder where it runs, the peaks are stored
+    as a profile for `vramplan validate`.
 
     A plan for several GPUs (num_gpus > 1) is run as that many processes: train writes the
     plan's accelerate config (and DeepSpeed JSON) to a temporary folder and runs

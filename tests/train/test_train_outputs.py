@@ -108,6 +108,12 @@ def test_run_marker_says_done(runs):
 
 
 def test_prediction_is_reported(runs):
-    _, result, _ = runs["lora"]
+    import json
+
+    _, result, folder = runs["lora"]
     assert result.predicted_peak_bytes and result.predicted_peak_bytes > 0
     assert result.measured_peak_bytes is not None and result.device == "cpu"
+    memory = json.loads((folder / "vramplan-run.json").read_text())["memory"]   # for scripts
+    assert memory["peak_bytes"] == result.measured_peak_bytes and memory["kind"] == "RSS"
+    assert memory["load_peak_bytes"] == result.load_peak_bytes is not None
+    assert memory["predicted_peak_bytes"] == result.predicted_peak_bytes and memory["predicted_for"] is None

@@ -355,7 +355,6 @@ class Run:
             if len(sums) > 1 and None not in sums:
                 self.console.print("[yellow]warning:[/] the ranks' trained weights differ at the end; "
                                    "the result is rank 0's")
-        write_run(output, run_info)
         result = TrainResult(steps=step, files=files, final_loss=loss_value, measured_peak_bytes=meter.peak(),
                              load_peak_bytes=meter.load_peak, measured_kind=meter.kind, device=device,
                              seconds=time.perf_counter() - started,
@@ -364,6 +363,11 @@ class Run:
         card = running_gpu() if device == "cuda" else None
         result.predicted_peak_bytes = self.predicted_peak(card)
         result.predicted_for = card.name if card is not None else None
+        run_info["memory"] = {"device": device, "kind": meter.kind, "peak_bytes": result.measured_peak_bytes,
+                              "peak_reserved_bytes": meter.peak_reserved(), "load_peak_bytes": result.load_peak_bytes,
+                              "steps_only": meter.split, "predicted_peak_bytes": result.predicted_peak_bytes,
+                              "predicted_for": result.predicted_for}
+        write_run(output, run_info)
         result.profile = store_profile(spec, result, meter, card) if rank is None else None
         self.report(result, meter)
         if rank is not None:
