@@ -994,9 +994,14 @@ def validate_command(args: argparse.Namespace) -> int:
 def _train_run_flags(parser: argparse.ArgumentParser, *, model_flag: str, required: bool) -> None:
     """What a real run needs beyond the plan: weights, images, where to write, how long."""
     group = parser.add_argument_group("training run" if required else "training run (with --train)")
-    group.add_argument(model_flag, dest="model_path", metavar="FOLDER", type=Path, required=required,
+    group.add_argument(model_flag, dest="model_path", metavar="PATH", type=Path, required=required,
                        help="the diffusers pipeline folder whose weights train (model_index.json, "
-                            "unet/, vae/, text_encoder/, tokenizer/ ...); no hub access")
+                            "unet/, vae/, text_encoder/, tokenizer/ ...), or an original single-file "
+                            ".safetensors of SD 1.x / 2.x / XL, converted once into the cache; no hub access")
+    group.add_argument("--checkpoint-config", metavar="FOLDER", type=Path,
+                       help="for a single-file checkpoint: a diffusers folder of the same model whose "
+                            "configs and tokenizers describe it (its weights are not read); default: "
+                            "the catalog's configs and the tokenizers from the Hugging Face cache")
     group.add_argument("--data", metavar="FOLDER", type=Path, required=required,
                        help="the training images (png, jpg, webp ...; subfolders too), each with an "
                             "optional same-name .txt caption")
@@ -1046,7 +1051,8 @@ def _train_options(args: argparse.Namespace):
                         initializer_token=args.initializer_token, learning_rate=args.learning_rate,
                         seed=args.seed, checkpoint_every=args.checkpoint_every,
                         keep_checkpoints=args.keep_checkpoints, resume=args.resume, overwrite=args.overwrite,
-                        save_format=args.save_format, device=args.device, progress=not args.quiet)
+                        save_format=args.save_format, device=args.device, progress=not args.quiet,
+                        checkpoint_config=args.checkpoint_config)
 
 
 def _fraction(text: str, flag: str) -> float:

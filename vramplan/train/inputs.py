@@ -40,6 +40,7 @@ class TrainOptions:
     save_format: str = "diffusers"
     device: str = "auto"
     progress: bool = True
+    checkpoint_config: Path | None = None   # a single-file --model's configs and tokenizers
 
     def check(self) -> None:
         if self.steps < 1:
@@ -66,9 +67,8 @@ def local_model(path: Path):
     path = Path(path)
     if not path.exists():
         raise UsageError(f"--model: {str(path)!r} does not exist")
-    if path.is_file():
-        raise UsageError(f"--model: {str(path)!r} is a single-file checkpoint; train needs a diffusers "
-                         f"folder (convert it with diffusers' from_single_file(...).save_pretrained(...))")
+    if path.is_file():   # train converts single files first (vramplan/train/single_file.py)
+        raise UsageError(f"--model: {str(path)!r} is a file, not a diffusers pipeline folder")
     if not (path / "model_index.json").is_file():
         raise UsageError(f"--model: {str(path)!r} is not a diffusers pipeline folder (no model_index.json)")
     return resolve_model(str(path))

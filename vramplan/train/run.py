@@ -21,6 +21,7 @@ prepares the step with accelerate's Accelerator and shards the data; rank 0 alon
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import os
 import random
@@ -492,6 +493,12 @@ def train(spec: TrainingSpec, options: TrainOptions, console: Console | None = N
     from vramplan.train import launch
 
     console = console or Console(stderr=True)
+    if Path(options.model_path).is_file():     # before any launch: every rank reads the folder
+        from vramplan.train.single_file import converted_folder
+
+        folder = converted_folder(Path(options.model_path), options.checkpoint_config,
+                                  say=lambda message: console.print(f"[dim]{message}[/]"))
+        options = dataclasses.replace(options, model_path=folder)
     if launch.needs_launch(spec, launched):
         return launch.launch(spec, options, console)
     options.check()
