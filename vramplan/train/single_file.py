@@ -24,10 +24,6 @@ SCHEDULER = {"_class_name": "DDPMScheduler", "beta_start": 0.00085, "beta_end": 
              "clip_sample": False}   # the SD 1.x / 2.x / XL training scheduler (their scheduler_config.json)
 
 
-def is_single_file(path: Path) -> bool:
-    return Path(path).is_file()
-
-
 def converted_folder(path: Path, checkpoint_config: Path | None = None, say=print) -> Path:
     """The diffusers folder of the checkpoint `path`, converted now or found in the cache."""
     from vramplan.cache import cache_root
@@ -88,13 +84,14 @@ def converted_folder(path: Path, checkpoint_config: Path | None = None, say=prin
 def catalog_config(model, folder: Path) -> Path:
     """A configs-only diffusers folder for `model`: the catalog's component configs, the training
     scheduler, and the tokenizers from the Hugging Face cache."""
+    import diffusers
     from transformers import CLIPTokenizer
 
     from vramplan.step.loading import component_config
     from vramplan.train.save import PIPELINES
 
     folder.mkdir(parents=True, exist_ok=True)
-    index = {"_class_name": PIPELINES[model.family], "_diffusers_version": "0.42.1",
+    index = {"_class_name": PIPELINES[model.family], "_diffusers_version": diffusers.__version__,
              "scheduler": ["diffusers", "DDPMScheduler"]}
     for component in model.components:
         (folder / component.name).mkdir()
