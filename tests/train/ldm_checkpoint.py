@@ -5,6 +5,8 @@ trip through diffusers' loader is exact)."""
 
 from __future__ import annotations
 
+import torch
+
 
 def _resnet(prefix_new: str, prefix_old: str, keys, out):
     names = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -107,4 +109,74 @@ def ldm_state_dict(pipe) -> dict:
         state[names[k]] = t
     for k, t in pipe.text_encoder.state_dict().items():   # transformers 5.6+ dropped "text_model."
         state["cond_stage_model.transformer." + ("" if k.startswith("text_model.") else "text_model.") + k] = t
+    return {k: t.contiguous() for k, t in state.items()}
+
+
+def _openclip(module, prefix: str) -> dict:
+    """A transformers CLIP text model under OpenCLIP's names (SD 2.x's encoder, SDXL's second):
+    `resblocks`, fused q/k/v `in_proj`, `ln_final`, `text_projection` as a matrix to right-multiply."""
+    state = module.state_dict()
+    out = {}
+    renames = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+               "self_attn.out_proj": "attn.out_proj"}
+    layers = {}
+    for key, tensor in state.items():
+        if not key.startswith(("text_model.", "text_projection.")):
+            key = "text_model." + key          # transformers 5.6+ CLIPTextModel: no "text_model."
+        if key == "text_model.embeddings.position_embedding.weight":
+            out["positional_embedding"] = tensor
+        elif key == "text_model.embeddings.token_embedding.weight":
+            out["token_embedding.weight"] = tensor
+        elif key.startswith("text_model.final_layer_norm."):
+            out["ln_final." + key.rsplit(".", 1)[1]] = tensor
+        elif key == "text_projection.weight":
+            out["text_projection"] = tensor.T
+        elif key.startswith("text_model.encoder.layers."):
+            index, rest = key[len("text_model.encoder.layers."):].split(".", 1)
+            if rest.startswith("self_attn.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
+                layers.setdefault((index, rest.rsplit(".", 1)[1]), {})[rest.split(".")[1]] = tensor
+                continue
+            for new, old in renames.items():
+                if rest.startswith(new + "."):
+                    rest = old + rest[len(new):]
+            out[f"transformer.resblocks.{index}.{rest}"] = tensor
+    for (index, kind), parts in layers.items():
+        out[f"transformer.resblocks.{index}.attn.in_proj_{kind}"] = torch.cat(
+            [parts["q_proj"], parts["k_proj"], parts["v_proj"]])
+    return {prefix + k: v for k, v in out.items()}
+
+
+def ldm_state_dict_xl(pipe) -> dict:
+    """An SDXL pipeline as one original-layout state dict: the UNet (with `label_emb`), the VAE,
+    CLIP-L under `conditioner.embedders.0.transformer.` and OpenCLIP-G under `...1.model.`."""
+    unet = pipe.unet
+    u = unet.state_dict()
+    names = unet_names(u.keys(), unet.config.layers_per_block, len(unet.config.block_out_channels),
+                       ["CrossAttn" in t for t in unet.config.up_block_types])
+    names.update({f"add_embedding.linear_{i}.{p}": f"model.diffusion_model.label_emb.0.{2 * (i - 1)}.{p}"
+                  for i in (1, 2) for p in ("weight", "bias")})
+    missing = set(u) - set(names)
+    assert not missing, sorted(missing)[:5]
+    state = {names[k]: v for k, v in u.items()}
+    sd1 = ldm_state_dict(type("P", (), {"unet": _Empty(), "vae": pipe.vae, "text_encoder": pipe.text_encoder})())
+    state.update({k: v for k, v in sd1.items() if k.startswith("first_stage_model.")})
+    state.update({k.replace("cond_stage_model.", "conditioner.embedders.0."): v for k, v in sd1.items()
+                  if k.startswith("cond_stage_model.")})
+    state.update(_openclip(pipe.text_encoder_2, "conditioner.embedders.1.model."))
+    return {k: t.contiguous() for k, t in state.items()}
+
+
+class _Empty:
+    """A UNet with no weights, for reusing the VAE and CLIP-L parts of `ldm_state_dict`."""
+
+    config = type("C", (), {"layers_per_block": 1, "block_out_channels": (), "up_block_types": ()})()
+
+    def state_dict(self):
+        return {}
+
+
+def ldm_state_dict_sd2(pipe) -> dict:
+    """An SD 2.x pipeline: as SD 1.x, but OpenCLIP-H under `cond_stage_model.model.`."""
+    state = {k: v for k, v in ldm_state_dict(pipe).items() if not k.startswith("cond_stage_model.")}
+    state.update(_openclip(pipe.text_encoder, "cond_stage_model.model."))
     return {k: t.contiguous() for k, t in state.items()}

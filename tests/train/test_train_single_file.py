@@ -1,7 +1,9 @@
 """`train --model file.safetensors`: an original-layout single-file checkpoint is converted once
-by diffusers' own single-file loader into the cache and trained like a folder. The file here is
-a small SD 1.x-shaped pipeline written under the original key names (ldm_checkpoint.py), with a
-768-wide cross-attention so that it is recognised as SD 1.x from its header."""
+by diffusers' own single-file loader into the cache and trained like a folder. The files here are
+small SD 1.x-, 2.x- and SDXL-shaped pipelines written under the original key names
+(ldm_checkpoint.py), shaped where the header reader and diffusers' loader look: SD 1.x's 768-wide
+cross-attention, SD 2.x's 1024-wide one with a linear proj_in, SDXL's 2816-wide added
+conditioning and two text encoders of different widths (diffusers tells them apart by it)."""
 
 import json
 import os
@@ -13,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ldm_checkpoint import ldm_state_dict
+from ldm_checkpoint import ldm_state_dict, ldm_state_dict_sd2, ldm_state_dict_xl
 from vramplan.errors import UsageError
 from vramplan.train.single_file import converted_folder
 
@@ -137,3 +139,73 @@ def test_the_default_configs_are_the_catalogs_with_the_cached_tokenizer(tmp_path
     assert written.get_vocab() == cached.get_vocab() and len(written) > 2
     scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["prediction_type"] == "epsilon"
+
+
+def _other_family(root: Path, tiny, family: str):
+    """A small SD 2.x pipeline (OpenCLIP-H text encoder, 1024-wide, linear proj_in, v-prediction) or
+    SDXL one, as a diffusers folder and as one original-layout file."""
+    import diffusers
+    import transformers
+
+    reference = diffusers.StableDiffusionPipeline.from_pretrained(tiny[0], local_files_only=True, safety_checker=None)
+    torch.manual_seed(0)
+
+    def clip(hidden, projection=False):
+        config = transformers.CLIPTextConfig(
+            bos_token_id=0, eos_token_id=2, pad_token_id=1, hidden_size=hidden, intermediate_size=37,
+            num_attention_heads=4, num_hidden_layers=2, vocab_size=len(reference.tokenizer), projection_dim=1280,
+            max_position_embeddings=77)
+        return (transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel)(config)
+
+    if family == "sd2":
+        unet = diffusers.UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=1024, attention_head_dim=8, norm_num_groups=8, use_linear_projection=True)
+        scheduler = diffusers.DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                            steps_offset=1, clip_sample=False, prediction_type="v_prediction")
+        pipe = diffusers.StableDiffusionPipeline(
+            vae=reference.vae, text_encoder=clip(1024), tokenizer=reference.tokenizer, unet=unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        state = ldm_state_dict_sd2(pipe)
+    else:
+        unet = diffusers.UNet2DConditionModel(
+            block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=80, attention_head_dim=(2, 4), use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=256, transformer_layers_per_block=(1, 2),
+            projection_class_embeddings_input_dim=2816, norm_num_groups=32)
+        scheduler = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
+                                                     beta_schedule="scaled_linear", steps_offset=1)
+        pipe = diffusers.StableDiffusionXLPipeline(
+            vae=reference.vae, text_encoder=clip(32), text_encoder_2=clip(48, projection=True),
+            tokenizer=reference.tokenizer, tokenizer_2=reference.tokenizer, unet=unet, scheduler=scheduler)
+        state = ldm_state_dict_xl(pipe)
+    folder = root / "model"
+    pipe.save_pretrained(folder)
+    file = root / f"tiny-{family}.safetensors"
+    save_file(state, str(file))
+    return folder, file, type(pipe)
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_sd2_and_sdxl_files_convert_exactly_and_train(family, cache, tiny, kit, tmp_path):
+    from vramplan.models.checkpoint import read_safetensors_header, recognise_checkpoint
+    from vramplan.train import train
+
+    folder, file, pipeline = _other_family(tmp_path / "source", tiny, family)
+    assert recognise_checkpoint(read_safetensors_header(file)).family == family
+    converted = converted_folder(file, folder, say=lambda message: None)
+    a = pipeline.from_pretrained(folder, local_files_only=True)
+    b = pipeline.from_pretrained(converted, local_files_only=True)
+    names = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if family == "sdxl" else [])
+    for name in names:
+        left, right = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        assert left.keys() == right.keys()
+        assert all(torch.equal(left[k], right[k]) for k in left), name
+    assert b.scheduler.config.prediction_type == a.scheduler.config.prediction_type
+    spec = kit.spec(folder, method="lora", rank=2)
+    options = kit.options(file, tiny[1], tmp_path / "run", steps=1)
+    options = type(options)(**{**options.__dict__, "checkpoint_config": folder})
+    assert train(spec, options, kit.console()).steps == 1
+    assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
