@@ -161,7 +161,8 @@ def _other_family(root: Path, tiny, family: str):
         unet = diffusers.UNet2DConditionModel(
             sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=1024, attention_head_dim=8, norm_num_groups=8, use_linear_projection=True)
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=1024,
+            attention_head_dim=8, norm_num_groups=8, use_linear_projection=True)
         scheduler = diffusers.DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                             steps_offset=1, clip_sample=False, prediction_type="v_prediction")
         pipe = diffusers.StableDiffusionPipeline(
@@ -172,7 +173,8 @@ def _other_family(root: Path, tiny, family: str):
         unet = diffusers.UNet2DConditionModel(
             block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=80, attention_head_dim=(2, 4), use_linear_projection=True,
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=80,
+            attention_head_dim=(2, 4), use_linear_projection=True,
             addition_embed_type="text_time", addition_time_embed_dim=256, transformer_layers_per_block=(1, 2),
             projection_class_embeddings_input_dim=2816, norm_num_groups=32)
         scheduler = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
