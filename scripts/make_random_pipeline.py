@@ -36,6 +36,7 @@ def make_pipeline(out: Path, model_key: str = "sd15", dtype: str = "float16", se
 
     from make_tiny_pipeline import write_tokenizer
     from vramplan.models.catalog import MODELS as CATALOG
+    from vramplan.step.families import SD_SCHEDULER
     from vramplan.step.loading import build_component
 
     model = CATALOG[model_key]
@@ -46,9 +47,7 @@ def make_pipeline(out: Path, model_key: str = "sd15", dtype: str = "float16", se
     tokenizer_dir = out / "_tokenizer"
     write_tokenizer(tokenizer_dir)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, steps_offset=1, clip_sample=False,
-                              prediction_type=getattr(model, "prediction", None) or "epsilon")
+    scheduler = DDPMScheduler.from_config(dict(SD_SCHEDULER, prediction_type=model.prediction))
     if model.family == "sdxl":
         from diffusers import StableDiffusionXLPipeline
 

@@ -23,27 +23,7 @@ from vramplan.train.single_file import converted_folder
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tiny):
     """(reference diffusers folder, the same weights as one original-layout .safetensors)."""
-    import diffusers
-    import transformers
-
-    root = tmp_path_factory.mktemp("single-file")
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=8)
-    reference = diffusers.StableDiffusionPipeline.from_pretrained(tiny[0], local_files_only=True, safety_checker=None)
-    tokenizer = reference.tokenizer
-    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        bos_token_id=0, eos_token_id=2, pad_token_id=1, hidden_size=768, intermediate_size=37,
-        num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tokenizer), max_position_embeddings=77))
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=reference.vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=reference.scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    folder = root / "model"
-    pipe.save_pretrained(folder)
-    file = root / "tiny-sd1.safetensors"
-    save_file(ldm_state_dict(pipe), str(file))
+    folder, file, _ = _small_pipeline(tmp_path_factory.mktemp("single-file"), tiny, "sd1")
     return folder, file
 
 
@@ -141,9 +121,9 @@ def test_the_default_configs_are_the_catalogs_with_the_cached_tokenizer(tmp_path
     assert scheduler["prediction_type"] == "epsilon"
 
 
-def _other_family(root: Path, tiny, family: str):
-    """A small SD 2.x pipeline (OpenCLIP-H text encoder, 1024-wide, linear proj_in, v-prediction) or
-    SDXL one, as a diffusers folder and as one original-layout file."""
+def _small_pipeline(root: Path, tiny, family: str):
+    """A small SD 1.x pipeline (768-wide CLIP-L), SD 2.x one (OpenCLIP-H, 1024-wide, linear proj_in,
+    v-prediction) or SDXL one, as a diffusers folder and as one original-layout file."""
     import diffusers
     import transformers
 
@@ -157,18 +137,20 @@ def _other_family(root: Path, tiny, family: str):
             max_position_embeddings=77)
         return (transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel)(config)
 
-    if family == "sd2":
+    if family in ("sd1", "sd2"):
+        width = 768 if family == "sd1" else 1024
         unet = diffusers.UNet2DConditionModel(
             sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=1024,
-            attention_head_dim=8, norm_num_groups=8, use_linear_projection=True)
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=width,
+            attention_head_dim=8, norm_num_groups=8, use_linear_projection=family == "sd2")
         scheduler = diffusers.DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                            steps_offset=1, clip_sample=False, prediction_type="v_prediction")
+                                            steps_offset=1, clip_sample=False,
+                                            prediction_type="v_prediction" if family == "sd2" else "epsilon")
         pipe = diffusers.StableDiffusionPipeline(
-            vae=reference.vae, text_encoder=clip(1024), tokenizer=reference.tokenizer, unet=unet, scheduler=scheduler,
+            vae=reference.vae, text_encoder=clip(width), tokenizer=reference.tokenizer, unet=unet, scheduler=scheduler,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        state = ldm_state_dict_sd2(pipe)
+        state = (ldm_state_dict_sd2 if family == "sd2" else ldm_state_dict)(pipe)
     else:
         unet = diffusers.UNet2DConditionModel(
             block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
@@ -195,7 +177,7 @@ def test_sd2_and_sdxl_files_convert_exactly_and_train(family, cache, tiny, kit, 
     from vramplan.models.checkpoint import read_safetensors_header, recognise_checkpoint
     from vramplan.train import train
 
-    folder, file, pipeline = _other_family(tmp_path / "source", tiny, family)
+    folder, file, pipeline = _small_pipeline(tmp_path / "source", tiny, family)
     assert recognise_checkpoint(read_safetensors_header(file)).family == family
     converted = converted_folder(file, folder, say=lambda message: None)
     a = pipeline.from_pretrained(folder, local_files_only=True)

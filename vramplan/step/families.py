@@ -113,9 +113,17 @@ def _projection(model: ModelInfo, name: str) -> int:
     return component_config(model, model.component(name))["projection_dim"]
 
 
+# SD 1.x / 2.x / XL's training scheduler, as their scheduler_config.json ship it (the prediction
+# type is the model's); the step draws its noise by it, and pipeline folders vramplan writes carry it.
+SD_SCHEDULER = {"_class_name": "DDPMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1,
+                "clip_sample": False}
+
+
 def _ddpm_alphas_cumprod(device) -> torch.Tensor:
-    # DDPMScheduler(beta_schedule="scaled_linear", 0.00085..0.012, 1000 steps), as SD ships it.
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float32, device=device) ** 2
+    s = SD_SCHEDULER    # scaled_linear: linear in the square roots
+    betas = torch.linspace(s["beta_start"] ** 0.5, s["beta_end"] ** 0.5, s["num_train_timesteps"],
+                           dtype=torch.float32, device=device) ** 2
     return torch.cumprod(1.0 - betas, dim=0)
 
 

@@ -149,7 +149,8 @@ class Run:
         paths = [e.path for e in self.instance.examples] + ([e.path for e in self.classes.examples]
                                                              if self.classes else [])
         if spec.cache_latents:
-            vae = load_component(self.options.model_path, model.component("vae")).to(device, DTYPES[vae_dtype(spec)])
+            dtype = DTYPES[vae_dtype(spec)]    # read in it, and all of it (kept-in-fp32 modules too)
+            vae = load_component(self.options.model_path, model.component("vae"), dtype=dtype).to(device, dtype)
             vae.eval()
             with torch.no_grad():
                 for path in dict.fromkeys(paths):
@@ -158,7 +159,8 @@ class Run:
                     self.latents[path] = latents.to("cpu", DTYPES[frozen_dtype(spec)])
             del vae
         if spec.cache_text_embeddings:
-            encoders = {te.name: load_component(self.options.model_path, te).to(device, DTYPES[frozen_dtype(spec)]).eval()
+            dtype = DTYPES[frozen_dtype(spec)]
+            encoders = {te.name: load_component(self.options.model_path, te, dtype=dtype).to(device, dtype).eval()
                         for te in model.text_encoders}
             prompts = [e.prompt for e in self.instance.examples] + ([e.prompt for e in self.classes.examples]
                                                                     if self.classes else [])
@@ -443,13 +445,9 @@ def running_gpu():
     """The CUDA card this process runs on, as a profile records it."""
     import torch
 
-    from vramplan.profile.measure import catalog_key_for
-    from vramplan.profile.result import MeasuredGpu
+    from vramplan.profile.measure import _measured_gpu
 
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    return MeasuredGpu(name=str(props.name), memory_bytes=int(props.total_memory),
-                       compute_capability=f"{props.major}.{props.minor}",
-                       catalog_key=catalog_key_for(str(props.name), int(props.total_memory)))
+    return _measured_gpu(torch.cuda.get_device_properties(torch.cuda.current_device()), None)
 
 
 def store_profile(spec: TrainingSpec, result: TrainResult, meter, gpu=None, root: Path = Path("profiles")):

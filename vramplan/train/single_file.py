@@ -19,10 +19,6 @@ from pathlib import Path
 
 from vramplan.errors import UsageError
 
-SCHEDULER = {"_class_name": "DDPMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
-             "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1,
-             "clip_sample": False}   # the SD 1.x / 2.x / XL training scheduler (their scheduler_config.json)
-
 
 def converted_folder(path: Path, checkpoint_config: Path | None = None, say=print) -> Path:
     """The diffusers folder of the checkpoint `path`, converted now or found in the cache."""
@@ -117,7 +113,9 @@ def catalog_config(model, folder: Path) -> Path:
     if model.family == "sd1":
         index.update(safety_checker=[None, None], feature_extractor=[None, None])
     (folder / "scheduler").mkdir()
-    scheduler = dict(SCHEDULER, prediction_type=model.prediction)
+    from vramplan.step.families import SD_SCHEDULER
+
+    scheduler = dict(SD_SCHEDULER, prediction_type=model.prediction)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
     (folder / "model_index.json").write_text(json.dumps(index))
     return folder
